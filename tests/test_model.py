@@ -1,0 +1,113 @@
+"""The network: output shapes in training and eval mode, the frozen encoder (weights, BatchNorm
+statistics and mode never move), the Table 5 ablation switches, encoder weights from a local file,
+and the loss."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memseg_edge.train.config import ModelConfig
+from memseg_edge.train.encoders import Encoder
+from memseg_edge.train.loss import focal_loss, memseg_loss
+from memseg_edge.train.torch_model import MemSeg, spatial_attention
+
+SIZE = 64
+
+
+def small_model(**kw) -> MemSeg:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=kw.pop("backbone", "mobilenet_v2"), memory_samples=3, **kw)
+    model = MemSeg(cfg, SIZE, weights=None)
+    if model.memory is not None:
+        model.memory.fill(model.memory_features(torch.rand(3, 3, SIZE, SIZE)))
+    return model
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_model_gives_logits_in_training_and_a_probability_map_in_eval(backbone):
+    model = small_model(backbone=backbone)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    model.train()
+    assert model(x).shape == (2, 2, SIZE, SIZE)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 1, SIZE, SIZE)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+def test_frozen_encoder_levels_never_change_during_training():
+    model = small_model()
+    frozen_before = {k: v.clone() for k, v in model.encoder.frozen.state_dict().items()}
+    bottleneck_before = {k: v.clone() for k, v in model.encoder.bottleneck.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    model.train()
+    for _ in range(3):
+        logits = model(torch.rand(2, 3, SIZE, SIZE))
+        loss, _ = memseg_loss(logits, (torch.rand(2, SIZE, SIZE) > 0.8).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # Weights and BatchNorm running statistics of the stem and the three levels are untouched ...
+    for k, v in model.encoder.frozen.state_dict().items():
+        assert torch.equal(v, frozen_before[k]), f"frozen tensor {k} changed"
+    # ... the frozen part stays in eval mode even though the model is training ...
+    assert model.training and not any(m.training for m in model.encoder.frozen.modules())
+    assert not any(p.requires_grad for p in model.encoder.frozen.parameters())
+    # ... while the stride-32 stage trains.
+    changed = [k for k, v in model.encoder.bottleneck.state_dict().items() if not torch.equal(v, bottleneck_before[k])]
+    assert changed
+
+
+@pytest.mark.parametrize("switch", ["use_memory", "use_multiscale", "use_spatial_attention", "use_coordinate_attention"])
+def test_each_module_can_be_switched_off_for_the_ablation(switch):
+    model = small_model(**{switch: False})
+    if switch == "use_memory":
+        assert model.memory is None
+    if switch == "use_coordinate_attention":
+        assert not any(type(m).__name__ == "CoordinateAttention" for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, SIZE, SIZE)).shape == (1, 1, SIZE, SIZE)
+
+
+def test_spatial_attention_follows_equations_5_to_7():
+    d3 = torch.rand(1, 5, 2, 2)
+    d2 = torch.rand(1, 4, 4, 4)
+    d1 = torch.rand(1, 3, 8, 8)
+    m1, m2, m3 = spatial_attention([d1, d2, d3], bounded=False)
+    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=2.0, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(m3, d3.mean(1, keepdim=True))
+    torch.testing.assert_close(m2, d2.mean(1, keepdim=True) * up(m3))
+    torch.testing.assert_close(m1, d1.mean(1, keepdim=True) * up(m2))
+    b1, _, _ = spatial_attention([d1, d2, d3], bounded=True)
+    torch.testing.assert_close(b1, m1 / (1 + m1))
+
+
+def test_encoder_loads_weights_from_a_local_file(mobilenet_weights):
+    enc = Encoder("mobilenet_v2", str(mobilenet_weights))
+    state = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    torch.testing.assert_close(enc.frozen[0][0][0].weight, state["features.0.0.weight"])
+    assert enc.weights_origin.startswith("file: ")
+
+
+def test_encoder_refuses_a_file_for_another_backbone(mobilenet_weights):
+    with pytest.raises(ValueError, match="lacks"):
+        Encoder("resnet18", str(mobilenet_weights))
+    with pytest.raises(FileNotFoundError):
+        Encoder("resnet18", "/nonexistent/weights.pth")
+
+
+def test_focal_loss_matches_the_formula_and_l1_uses_one_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 4, 4, generator=g)
+    target = (torch.rand(2, 4, 4, generator=g) > 0.5).float()
+    p1 = torch.softmax(logits, 1)[:, 1].numpy().astype(np.float64)
+    t = target.numpy()
+    pt = np.where(t > 0.5, p1, 1 - p1)
+    expected = np.mean(-((1 - pt) ** 4) * np.log(pt))
+    assert float(focal_loss(logits, target, gamma=4.0)) == pytest.approx(expected, rel=1e-5)
+    total, parts = memseg_loss(logits, target)
+    assert parts["l1"] == pytest.approx(np.abs(p1 - t).mean(), rel=1e-5)
+    assert float(total) == pytest.approx(0.6 * parts["l1"] + 0.4 * expected, rel=1e-5)

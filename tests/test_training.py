@@ -1,0 +1,119 @@
+"""End to end on a tiny product dataset: train through the CLI, evaluate, round-trip the checkpoint,
+resume, and the data split (memory samples and held-out images never train)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from memseg_edge.cli import main
+from memseg_edge.train.checkpoint import load_model, read_checkpoint
+from memseg_edge.train.config import DataConfig, MemSegConfig, apply_overrides
+from memseg_edge.train.datasets import discover, split_good
+from memseg_edge.train.trainer import predict_maps, train
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(root: Path, iterations: int = 4, **extra) -> MemSegConfig:
+    cfg = apply_overrides(MemSegConfig(), {
+        "data.root": str(root), "data.category": "widget", "data.image_size": 64, "data.holdout_fraction": 0.2,
+        "model.backbone": "mobilenet_v2", "model.backbone_weights": "none", "model.memory_samples": 4,
+        "train.iterations": iterations, "train.batch_size": 4, "train.num_workers": 0, "train.warmup_iterations": 2,
+        "train.checkpoint_every": 2, "train.lr": 0.01, **extra})
+    return cfg
+
+
+def run_cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_then_eval_through_the_cli(product_root, tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", "--data", str(product_root), "--category", "widget", "--backbone", "mobilenet_v2",
+            "--backbone-weights", "none", "--iterations", "3", "--batch-size", "4", "--image-size", "64",
+            "--memory-samples", "4", "--workers", "0", "--quiet", "--out", str(out))
+    assert (out / "checkpoint.pt").is_file() and (out / "config.yaml").is_file()
+    assert MemSegConfig.load(out / "config.yaml").train.iterations == 3
+    metrics_file = tmp_path / "metrics.json"
+    output = run_cli("eval", str(out / "checkpoint.pt"), "--data", str(product_root), "--category", "widget",
+                     "--json", str(metrics_file), "--plots", str(tmp_path / "plots"), "--quiet")
+    assert "randomly initialised" in output  # a random encoder is never reported silently
+    result = json.loads(metrics_file.read_text())
+    assert result["n_images"] == 8 and result["n_anomalous"] == 4
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        assert 0.0 <= result[key] <= 1.0
+    assert set(result["per_defect"]) == {"scratch"}
+    assert {"false_reject_rate", "miss_rate", "value", "rule"} <= set(result["threshold"])
+    for png in ("roc.png", "pro_curve.png", "scores.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 1000
+    assert list((tmp_path / "plots" / "overlays").glob("*.png"))
+
+
+def test_checkpoint_round_trip_loads_with_weights_only_and_predicts_the_same(product_root, tmp_path):
+    cfg = tiny_config(product_root, iterations=2)
+    path = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model_state", "config", "image_size", "normalisation", "threshold", "data", "backbone_weights"):
+        assert key in ckpt, key
+    assert ckpt["threshold"]["rule"].startswith("false-reject rate")
+    assert len(ckpt["data"]["training_list_sha256"]) == 64
+    assert MemSegConfig.from_dict(ckpt["config"]) == cfg
+    model, _ = load_model(path)
+    images = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    again, _ = load_model(read_checkpoint(path))
+    np.testing.assert_array_equal(predict_maps(model, images, "cpu"), predict_maps(again, images, "cpu"))
+    # The memory bank travels inside the checkpoint.
+    assert float(model.memory.bank0.abs().sum()) > 0
+
+
+def test_training_is_reproducible_and_resume_continues_the_same_run(product_root, tmp_path):
+    cfg = tiny_config(product_root, iterations=4)
+    full = train(cfg, tmp_path / "full", progress=False, log=lambda *a: None)
+    again = train(cfg, tmp_path / "again", progress=False, log=lambda *a: None)
+    # A run stopped after 2 iterations (its periodic checkpoint), then resumed to 4.
+    half_cfg = apply_overrides(cfg, {"train.checkpoint_every": 0})
+    train(apply_overrides(half_cfg, {"train.iterations": 2}), tmp_path / "half", progress=False, log=lambda *a: None)
+    half_ckpt = read_checkpoint(tmp_path / "half" / "checkpoint.pt")
+    assert half_ckpt["iteration"] == 2
+    resumed = train(cfg, tmp_path / "half", resume=tmp_path / "half" / "checkpoint.pt", progress=False,
+                    log=lambda *a: None)
+    a, b, c = (read_checkpoint(p)["model_state"] for p in (full, again, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"not reproducible: {k}")
+        torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6, msg=f"resume differs: {k}")
+
+
+def test_memory_and_held_out_images_never_train(product_root):
+    ds = discover(DataConfig(root=str(product_root), category="widget"))
+    split = split_good(ds.train_good, 4, 0.2, seed=0)
+    assert len(split.memory) == 4 and len(split.holdout) == 5
+    assert not set(split.memory) & set(split.train) and not set(split.holdout) & set(split.train)
+    assert set(split.memory) | set(split.holdout) | set(split.train) == set(ds.train_good)
+    assert split_good(ds.train_good, 4, 0.2, seed=0) == split
+    with pytest.raises(ValueError, match="memory samples"):
+        split_good(ds.train_good, 30, 0.2, seed=0)
+
+
+def test_test_images_without_masks_are_refused_with_the_expected_path(product_root):
+    mask = next((product_root / "widget" / "ground_truth" / "scratch").glob("*.png"))
+    mask.unlink()
+    with pytest.raises(FileNotFoundError, match="_mask.png"):
+        discover(DataConfig(root=str(product_root), category="widget"))
+
+
+def test_own_folder_layout_trains_from_a_folder_of_good_images(product_root, tmp_path):
+    good = product_root / "widget" / "train" / "good"
+    cfg = apply_overrides(tiny_config(product_root, iterations=1), {
+        "data.layout": "folder", "data.root": str(good), "data.category": "",
+        "data.test_dir": str(product_root / "widget" / "test"),
+        "data.mask_dir": str(product_root / "widget" / "ground_truth")})
+    path = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert read_checkpoint(path)["data"]["n_train"] == 24 - 4 - 5
+    assert len(discover(cfg.data).test) == 8

@@ -1,0 +1,191 @@
+"""One typed configuration for a MemSeg run: data, model, anomaly synthesis, training, evaluation.
+
+Loaded from YAML, overridden from the command line, printed in full at the start of a run and saved
+beside every artefact (``RUN_DIR/config.yaml`` and inside ``checkpoint.pt``). Where the paper is silent
+the field's comment says what was chosen and why. Numpy/yaml only: no torch here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    """MVTec AD root (holding ``<category>/train/good``) or, with ``layout: folder``, a folder of good images."""
+    category: str = ""
+    layout: str = "mvtec"
+    """``mvtec``: ``ROOT/CATEGORY/{train/good,test/<defect>,ground_truth/<defect>}``.
+    ``folder``: ``root`` holds good training images; optional ``test_dir`` with one sub-folder per
+    defect type (``good`` for defect-free) and ``mask_dir`` with ``<defect>/<stem>_mask.png``."""
+    test_dir: str = ""
+    mask_dir: str = ""
+    image_size: int = 256
+    """Square side the model works at (the paper: 256). Images are resized, not cropped, so a defect
+    at the border is never cut away."""
+    holdout_fraction: float = 0.1
+    """Share of the good training images held out (never trained on, never in the memory bank) to
+    choose the decision threshold and to validate on synthetic anomalies."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    """``resnet18`` (the paper's) or ``mobilenet_v2``."""
+    backbone_weights: str = "imagenet"
+    """``imagenet``: torchvision's ImageNet weights, loaded the normal torchvision way (its cache or a
+    download); a path: a local ``state_dict`` file; ``none``: random (for tests only: accuracy from a
+    random encoder is meaningless, and the checkpoint records it)."""
+    memory_samples: int = 30
+    """N good training images whose features form the memory bank (the paper: 30)."""
+    memory_selection: str = "sum"
+    """``sum``: one memory sample per image, the smallest squared-difference total over all three levels
+    (paper Eq. 4). ``per_level``: the closest sample chosen per level (the authors' released code)."""
+    feature_smoothing: int = 3
+    """Kernel of a stride-1 average pool over the frozen features (1 = off). The paper is silent; the
+    authors' released code smooths with 3x3, which makes the difference maps robust to one-pixel
+    misalignment."""
+    use_memory: bool = True
+    use_multiscale: bool = True
+    use_spatial_attention: bool = True
+    use_coordinate_attention: bool = True
+    bounded_attention: bool = True
+    """Spatial attention maps as ``M / (1 + M)`` over differences in units of the memory bank's typical
+    good-to-good difference (see ``torch_model.spatial_attention``); ``False``: the paper's raw product."""
+    decoder_channels: list[int] = field(default_factory=list)
+    """Decoder widths at strides 16, 8, 4, 2, 1; empty: the backbone's default
+    (``torch_model.DECODER_WIDTHS``)."""
+
+
+@dataclass
+class ForegroundConfig:
+    method: str = "none"
+    """``none`` (textures, or a product filling the frame), ``threshold`` (grey > ``threshold``) or
+    ``otsu``; ``invert`` flips the mask (a dark product on a bright background)."""
+    threshold: int = 128
+    invert: bool = False
+    open_kernel: int = 0
+    """Side of the square structuring element for a morphological opening (0 = off)."""
+    close_kernel: int = 0
+
+
+@dataclass
+class SynthesisConfig:
+    textures: str = ""
+    """Folder of texture images (DTD layout: one sub-folder per class, or flat). Empty: structure
+    source only."""
+    texture_probability: float = 0.5
+    """Odds of the texture source against the structure source (the paper: equal)."""
+    perlin_min_scale: int = 0
+    perlin_max_scale: int = 6
+    """Perlin scales 2**k per axis with k drawn from [min, max)."""
+    perlin_threshold: float = 0.5
+    transparency_min: float = 0.15
+    transparency_max: float = 1.0
+    """delta ~ U[min, max] in Eq. 1 (the paper: [0.15, 1])."""
+    structure_grid: list[int] = field(default_factory=lambda: [4, 8])
+    """Rows x columns of the shuffled grid for the structure source (the paper: 4x8)."""
+    foreground: ForegroundConfig = field(default_factory=ForegroundConfig)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 2700
+    """The paper: 2700 iterations."""
+    batch_size: int = 8
+    """Half normal images, half synthetic anomalies (the paper: 4 + 4)."""
+    optimizer: str = "sgd"
+    lr: float = 0.04
+    """The paper's grid-searched learning rate, with SGD and momentum 0.9 as in the authors' code."""
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iterations: int = 100
+    """Linear warm-up before the cosine decay: a from-scratch decoder at lr 0.04 needs it."""
+    min_lr: float = 0.0
+    l1_weight: float = 0.6
+    focal_weight: float = 0.4
+    focal_gamma: float = 4.0
+    focal_alpha: float = -1.0
+    """Weight of the anomaly class in the focal loss (background gets 1 - alpha); -1: no weighting."""
+    seed: int = 0
+    device: str = "cpu"
+    num_workers: int = 1
+    """Data-loading processes that synthesise anomalies while the model trains."""
+    log_every: int = 20
+    checkpoint_every: int = 500
+    target_false_reject_rate: float = 0.01
+    """Decision threshold: the score that rejects at most this share of held-out good images."""
+
+
+@dataclass
+class EvalConfig:
+    top_k: int = 100
+    """Image score: mean of the top-k pixel probabilities of the map (the paper's definition)."""
+
+
+@dataclass
+class MemSegConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "MemSegConfig":
+        return _build(cls, raw, "config")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MemSegConfig":
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections (data, model, ...), found {type(raw).__name__}")
+        return cls.from_dict(raw)
+
+
+def _build(cls: type, raw: dict[str, Any], where: str):
+    """Build dataclass ``cls`` from a dict, refusing unknown keys so a typo never passes silently."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping, found {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: MemSegConfig, overrides: dict[str, Any]) -> MemSegConfig:
+    """Set dotted keys (``{"train.iterations": 400}``); ``None`` values are skipped (option not given)."""
+    raw = cfg.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"unknown config key {dotted!r}")
+        node[leaf] = value
+    return MemSegConfig.from_dict(raw)

@@ -1,0 +1,144 @@
+"""One factory for MemSeg encoders: a table of torchvision backbones cut into a frozen part (stem and the
+three feature levels at strides 4, 8, 16, whose features feed the memory bank) and a trainable stage at
+stride 32 (the U-Net bottleneck). ``resnet18`` and ``mobilenet_v2`` differ only in their table row."""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+import torchvision
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    build: Callable[[], nn.Module]
+    weights: Callable[[], object]
+    """torchvision's ImageNet weights enum member."""
+    stages: Callable[[nn.Module], list[nn.Module]]
+    """stride-4, stride-8, stride-16 (frozen; stem included in the first) and stride-32 (trainable)."""
+    channels: tuple[int, int, int, int]
+
+
+def _resnet18_stages(m: nn.Module) -> list[nn.Module]:
+    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
+    return [nn.Sequential(stem, m.layer1), m.layer2, m.layer3, m.layer4]
+
+
+def _mobilenet_v2_stages(m: nn.Module) -> list[nn.Module]:
+    f = m.features
+    # Block boundaries where the resolution halves: 0-3 end at stride 4, 4-6 at 8, 7-13 at 16, 14-17 at 32.
+    return [f[:4], f[4:7], f[7:14], f[14:18]]
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "resnet18": EncoderSpec(
+        build=lambda: torchvision.models.resnet18(weights=None),
+        weights=lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+        stages=_resnet18_stages,
+        channels=(64, 128, 256, 512),
+    ),
+    "mobilenet_v2": EncoderSpec(
+        build=lambda: torchvision.models.mobilenet_v2(weights=None),
+        weights=lambda: torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
+        stages=_mobilenet_v2_stages,
+        channels=(24, 32, 96, 320),
+    ),
+}
+
+
+class Encoder(nn.Module):
+    """Image ``[N, 3, H, W]`` (normalised) -> features at strides 4, 8, 16 (frozen) and 32 (trainable).
+
+    The frozen part stays in eval mode whatever ``train()`` is called with, so its BatchNorm statistics
+    never move and the features keep matching the memory bank built at the start.
+    ``weights``: see :func:`load_backbone_weights`; ``None`` when a checkpoint will supply them.
+    """
+
+    def __init__(self, name: str, weights: str | None = None):
+        super().__init__()
+        if name not in ENCODERS:
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ENCODERS)}")
+        self.name = name
+        spec = ENCODERS[name]
+        net = spec.build()
+        self.weights_origin = "from checkpoint" if weights is None else load_backbone_weights(net, name, weights)
+        s4, s8, s16, s32 = spec.stages(net)
+        # Only the stages are registered: classifier heads never run and never land in a checkpoint.
+        self.frozen = nn.ModuleList([s4, s8, s16])
+        self.bottleneck = s32
+        self.channels = spec.channels
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        with torch.no_grad():
+            for stage in self.frozen:
+                x = stage(x)
+                feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        feats = self.frozen_features(x)
+        return feats, self.bottleneck(feats[-1])
+
+
+def load_backbone_weights(net: nn.Module, name: str, source: str) -> str:
+    """Load ImageNet weights into torchvision model ``net``; returns a description for the checkpoint.
+
+    ``source``: ``imagenet`` (torchvision's weights: its cache, else a download), a path to a
+    ``state_dict`` file (keys as in torchvision's model, classifier keys optional), or ``none``.
+    """
+    if source == "none":
+        warnings.warn(
+            "backbone weights: none: the encoder is randomly initialised; accuracy from such a model is "
+            "meaningless (use it for tests only)", stacklevel=2)
+        return "none (random initialisation)"
+    if source == "imagenet":
+        weights = ENCODERS[name].weights()
+        try:
+            state = weights.get_state_dict(progress=True, check_hash=True)
+        except Exception as exc:  # no network, no cache
+            raise RuntimeError(
+                f"could not get torchvision's ImageNet weights for {name} ({exc.__class__.__name__}: "
+                f"{exc}). On a machine without internet, pass a local file with --backbone-weights FILE "
+                f"(a state_dict for torchvision.models.{name}()), or put the file in torchvision's "
+                f"cache ({torch.hub.get_dir()}/checkpoints)") from exc
+        _load_state(net, name, state, f"torchvision {weights}")
+        return f"imagenet: torchvision {weights}"
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone weights file {path} not found; pass a state_dict file, 'imagenet' or 'none'")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    _load_state(net, name, state, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"file: {path.name} sha256:{digest[:16]}"
+
+
+def _load_state(net: nn.Module, name: str, state: dict, origin: str) -> None:
+    """Load into the backbone; every key the used stages need must be present (a partial file is an error)."""
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith(("fc.", "classifier."))}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    needed = set(own)
+    missing = sorted(needed - set(state))
+    if missing:
+        raise ValueError(
+            f"{origin} lacks {len(missing)} weight(s) that {name} needs, e.g. {missing[:3]}: "
+            f"is it a state_dict for torchvision.models.{name}()?")
+    bad = [k for k in needed if tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise ValueError(f"{origin}: shape mismatch for {bad[:3]}: not weights for {name}")
+    net.load_state_dict({k: state[k] for k in needed}, strict=False)

@@ -1,0 +1,177 @@
+"""The MemSeg network (paper section 3, Fig. 2 and 4) as a pure ``nn.Module``: no training logic.
+
+Input: RGB ``[N, 3, H, W]`` float in [0, 1] (normalisation happens here, so exported graphs and the
+checkpoint cannot disagree about it). Output in training mode: logits ``[N, 2, H, W]``; in eval mode:
+the anomaly probability map ``[N, 1, H, W]`` (softmax channel 1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memseg_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+from .config import ModelConfig
+from .encoders import Encoder
+from .memory import MemoryBank
+
+
+# Decoder widths at strides 16, 8, 4, 2, 1, in proportion to each encoder's skip widths. The full-resolution
+# stages dominate the cost on a CPU, so they stay narrow.
+DECODER_WIDTHS = {"resnet18": (256, 128, 64, 48, 32), "mobilenet_v2": (128, 64, 48, 32, 16)}
+
+
+def conv_block(cin: int, cout: int, k: int = 3) -> nn.Sequential:
+    """The paper's basic convolution block: convolution, batch normalisation, ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+class CoordinateAttention(nn.Module):
+    """Coordinate attention (Hou et al., 2021): channel weights factorised along height and width."""
+
+    def __init__(self, channels: int, reduction: int = 32):
+        super().__init__()
+        mid = max(8, channels // reduction)
+        self.squeeze = nn.Sequential(nn.Conv2d(channels, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.Hardswish())
+        self.along_h = nn.Conv2d(mid, channels, 1)
+        self.along_w = nn.Conv2d(mid, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2], x.shape[3]
+        pooled_h = x.mean(dim=3, keepdim=True)                   # [N, C, H, 1]
+        pooled_w = x.mean(dim=2, keepdim=True).transpose(2, 3)   # [N, C, W, 1]
+        y = self.squeeze(torch.cat([pooled_h, pooled_w], dim=2))
+        y_h, y_w = torch.split(y, [h, w], dim=2)
+        return x * torch.sigmoid(self.along_h(y_h)) * torch.sigmoid(self.along_w(y_w.transpose(2, 3)))
+
+
+class MultiScaleFusion(nn.Module):
+    """MSFF (Fig. 4): per level a 3x3 convolution keeping the channels and coordinate attention; then
+    coarse-to-fine fusion (upsample, 1x1 convolution to the finer level's channels, add); then a 3x3
+    convolution down to the decoder's skip width, weighted by the spatial attention map."""
+
+    def __init__(self, in_channels: list[int], out_channels: list[int], coordinate_attention: bool, multiscale: bool):
+        super().__init__()
+        self.multiscale = multiscale
+        self.local = nn.ModuleList(
+            nn.Sequential(conv_block(c, c), CoordinateAttention(c) if coordinate_attention else nn.Identity())
+            for c in in_channels)
+        self.lateral = nn.ModuleList(conv_block(in_channels[i + 1], in_channels[i], 1)
+                                     for i in range(len(in_channels) - 1)) if multiscale else None
+        self.out = nn.ModuleList(conv_block(ci, co) for ci, co in zip(in_channels, out_channels))
+
+    def forward(self, feats: list[torch.Tensor], attention: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        x = [blk(f) for blk, f in zip(self.local, feats)]
+        if self.multiscale:
+            for i in range(len(x) - 2, -1, -1):
+                x[i] = x[i] + self.lateral[i](upsample2(x[i + 1]))
+        out = [o(f) for o, f in zip(self.out, x)]
+        if attention is not None:
+            out = [o * a for o, a in zip(out, attention)]
+        return out
+
+
+def spatial_attention(diffs: list[torch.Tensor], bounded: bool = True) -> list[torch.Tensor]:
+    """Eq. 5-7: channel means of the difference maps, each multiplied by the upsampled coarser map.
+    ``diffs`` fine to coarse ``[N, C_l, H_l, W_l]`` -> maps ``[N, 1, H_l, W_l]``, fine to coarse.
+
+    ``bounded``: each map ``M`` becomes ``M / (1 + M)`` (in [0, 1)). With the differences in units of a
+    typical good-to-good difference, the raw product of three levels spans about 0.01 (good regions) to
+    1e4 (a defect), which would scale features by six orders of magnitude; bounded, the maps weight
+    features like a soft mask. ``False`` is the paper's raw product."""
+    means = [d.mean(dim=1, keepdim=True) for d in diffs]
+    maps = [means[-1]]
+    for m in reversed(means[:-1]):
+        maps.insert(0, m * upsample2(maps[0]))
+    if bounded:
+        maps = [m / (1.0 + m) for m in maps]
+    return maps
+
+
+class Decoder(nn.Module):
+    """U-Net decoder (section 4.2): upsampling = bilinear x2 + conv block; Conv Layer = two conv blocks;
+    the last Conv Layer = one conv block + a 2-channel convolution."""
+
+    def __init__(self, bottleneck: int, skips: list[int], widths: list[int]):
+        super().__init__()
+        if len(widths) != 5:
+            raise ValueError(f"decoder_channels needs 5 widths (strides 16, 8, 4, 2, 1), found {widths}")
+        self.ups = nn.ModuleList()
+        self.convs = nn.ModuleList()
+        cin = bottleneck
+        skip_widths = [skips[2], skips[1], skips[0], 0]  # strides 16, 8, 4 have skips; stride 2 none
+        for w, s in zip(widths[:4], skip_widths):
+            self.ups.append(conv_block(cin, w))
+            self.convs.append(nn.Sequential(conv_block(w + s, w), conv_block(w, w)))
+            cin = w
+        self.final_up = conv_block(cin, widths[4])
+        self.head = nn.Sequential(conv_block(widths[4], widths[4]), nn.Conv2d(widths[4], 2, 3, padding=1))
+
+    def forward(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = bottleneck
+        skip_list = [skips[2], skips[1], skips[0], None]
+        for up, conv, skip in zip(self.ups, self.convs, skip_list):
+            x = up(upsample2(x))
+            if skip is not None:
+                x = torch.cat([x, skip], dim=1)
+            x = conv(x)
+        return self.head(self.final_up(upsample2(x)))
+
+
+class MemSeg(nn.Module):
+    """MemSeg: frozen encoder levels -> memory module -> MSFF + spatial attention -> U-Net decoder.
+
+    ``forward(images [N, 3, H, W] in [0, 1])`` -> logits ``[N, 2, H, W]`` (training) or anomaly
+    probability ``[N, 1, H, W]`` (eval). ``H`` and ``W`` must be multiples of 32.
+    """
+
+    def __init__(self, cfg: ModelConfig, image_size: int, weights: str | None = None):
+        super().__init__()
+        if image_size % 32:
+            raise ValueError(f"image size must be a multiple of 32 (the encoder's stride), found {image_size}")
+        self.cfg = cfg
+        self.image_size = image_size
+        self.encoder = Encoder(cfg.backbone, weights)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        c = list(self.encoder.channels[:3])
+        self.smooth = (nn.AvgPool2d(cfg.feature_smoothing, stride=1, padding=cfg.feature_smoothing // 2,
+                                    count_include_pad=False) if cfg.feature_smoothing > 1 else nn.Identity())
+        shapes = [(ci, image_size // s, image_size // s) for ci, s in zip(c, (4, 8, 16))]
+        self.memory = MemoryBank(shapes, cfg.memory_samples, cfg.memory_selection) if cfg.use_memory else None
+        fused = [2 * ci for ci in c] if cfg.use_memory else c
+        self.fusion = MultiScaleFusion(fused, c, cfg.use_coordinate_attention, cfg.use_multiscale)
+        widths = list(cfg.decoder_channels) or list(DECODER_WIDTHS[cfg.backbone])
+        self.decoder = Decoder(self.encoder.channels[3], c, widths)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def memory_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen, smoothed features ``[N, C_l, H_l, W_l]`` of images in [0, 1]: what the bank stores."""
+        return [self.smooth(f) for f in self.encoder.frozen_features(self.normalise(images))]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalise(images)
+        feats, bottleneck = self.encoder(x)
+        feats = [self.smooth(f) for f in feats]
+        attention = None
+        if self.memory is not None:
+            diffs, _ = self.memory(feats)
+            # In units of a typical good-to-good difference, so their size does not depend on the encoder.
+            diffs = [d / s for d, s in zip(diffs, self.memory.scales())]
+            if self.cfg.use_spatial_attention:
+                attention = spatial_attention(diffs, self.cfg.bounded_attention)
+            feats = [torch.cat([f, d], dim=1) for f, d in zip(feats, diffs)]
+        skips = self.fusion(feats, attention)
+        logits = self.decoder(bottleneck, skips)
+        if self.training:
+            return logits
+        return torch.softmax(logits, dim=1)[:, 1:2]

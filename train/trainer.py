@@ -1,0 +1,266 @@
+"""How MemSeg is trained (the network itself is in ``torch_model.py``).
+
+Batches of good images and synthetic anomalies 1:1, L1 + focal loss, SGD with warm-up and cosine decay,
+seeded and resumable; the memory bank is filled once from N good images before the first step; at the
+end the decision threshold is chosen on held-out good images only, and the model is validated on
+synthetic anomalies made from those held-out images (never on test images). CPU, one GPU, or several
+GPUs through ``torchrun`` (DistributedDataParallel: each process trains on its own share of every batch).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from memseg_edge.calibration.threshold import threshold_for_false_reject_rate
+from memseg_edge.scoring import image_scores
+
+from . import metrics
+from .checkpoint import read_checkpoint, save_checkpoint
+from .config import MemSegConfig
+from .datasets import TrainingStream, discover, hash_image_list, load_images, split_good
+from .loss import memseg_loss
+from .synthesis import AnomalySynthesizer
+from .torch_model import MemSeg
+
+
+def to_tensor(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """RGB uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H, W]`` in [0, 1] on ``device``."""
+    t = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.no_grad()
+def predict_maps(model: MemSeg, images: np.ndarray, device: str | torch.device, batch_size: int = 16) -> np.ndarray:
+    """Anomaly maps ``[N, H, W]`` float32 for RGB uint8 images ``[N, H, W, 3]`` at the model's size."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(model(to_tensor(images[i:i + batch_size], device))[:, 0].float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
+
+
+def lr_factor(it: int, cfg) -> float:
+    """Linear warm-up, then cosine decay from ``lr`` to ``min_lr`` at the last iteration."""
+    if it < cfg.warmup_iterations:
+        return (it + 1) / cfg.warmup_iterations
+    span = max(1, cfg.iterations - cfg.warmup_iterations)
+    progress = min(1.0, (it - cfg.warmup_iterations) / span)
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StreamSampler(Sampler[int]):
+    """Indices of the global training stream that this process trains on, from ``start`` on: for each
+    iteration, its own block of ``batch`` consecutive items (so every block is half good, half synthetic)."""
+
+    def __init__(self, start_iteration: int, iterations: int, batch: int, rank: int, world: int):
+        self.start, self.iterations, self.batch, self.rank, self.world = start_iteration, iterations, batch, rank, world
+
+    def __len__(self) -> int:
+        return (self.iterations - self.start) * self.batch
+
+    def __iter__(self):
+        for it in range(self.start, self.iterations):
+            base = (it * self.world + self.rank) * self.batch
+            yield from range(base, base + self.batch)
+
+
+def _collate(items):
+    images = np.stack([a for a, _ in items])
+    masks = np.stack([m for _, m in items])
+    return torch.from_numpy(images), torch.from_numpy(masks)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = None, progress: bool = True,
+          log=print) -> Path:
+    """Train MemSeg as ``cfg`` says; writes ``out_dir/checkpoint.pt`` and ``out_dir/config.yaml``.
+    Returns the checkpoint path. ``resume``: a checkpoint of the same run to continue from."""
+    rank, world = _distributed()
+    main = rank == 0
+    log = log if main else (lambda *a, **k: None)
+    out_dir = Path(out_dir)
+    tc = cfg.train
+    if tc.batch_size % 2:
+        raise ValueError(f"batch size must be even (half good, half synthetic), found {tc.batch_size}")
+    device = torch.device(tc.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
+        if world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+    seed_everything(tc.seed)
+
+    start_it = 0
+    ckpt = None
+    if resume is not None:
+        ckpt = read_checkpoint(resume)
+        saved = MemSegConfig.from_dict(ckpt["config"])
+        if saved.model != cfg.model or saved.data.image_size != cfg.data.image_size:
+            raise ValueError(f"{resume} was trained with a different model or image size; resume needs the same")
+        start_it = int(ckpt["iteration"])
+
+    data = discover(cfg.data)
+    split = split_good(data.train_good, cfg.model.memory_samples if cfg.model.use_memory else 0,
+                       cfg.data.holdout_fraction, tc.seed)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.yaml")
+        log("memseg-edge train: configuration\n" + cfg.to_yaml())
+        log(f"data: {len(data.train_good)} good training images -> {len(split.memory)} memory samples, "
+            f"{len(split.holdout)} held out (threshold, validation), {len(split.train)} for training")
+
+    size = cfg.data.image_size
+    train_images = load_images(split.train, size)
+    model = MemSeg(cfg.model, size, weights=None if ckpt else cfg.model.backbone_weights).to(device)
+    backbone_origin = ckpt["backbone_weights"] if ckpt else model.encoder.weights_origin
+    log(f"encoder: {cfg.model.backbone}, weights: {backbone_origin}")
+    if ckpt:
+        model.load_state_dict(ckpt["model_state"])
+    elif model.memory is not None:
+        model.memory.fill(model.memory_features(to_tensor(load_images(split.memory, size), device)))
+
+    synthesizer = AnomalySynthesizer(cfg.synthesis)
+    log(f"anomaly sources: {synthesizer.sources}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tc.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    elif tc.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {tc.optimizer!r}: use sgd or adamw")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, tc))
+    if ckpt and ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    stream = TrainingStream(train_images, synthesizer, tc.seed, length=tc.iterations * tc.batch_size * world)
+    per_rank = tc.batch_size // world if world > 1 else tc.batch_size
+    if world > 1 and (tc.batch_size % (2 * world)):
+        raise ValueError(f"batch size {tc.batch_size} must split evenly into {world} processes of good+synthetic pairs")
+    loader = DataLoader(stream, batch_size=per_rank, sampler=StreamSampler(start_it, tc.iterations, per_rank, rank, world),
+                        num_workers=tc.num_workers, collate_fn=_collate, persistent_workers=False,
+                        prefetch_factor=4 if tc.num_workers > 0 else None)
+
+    data_info = {
+        "training_list_sha256": hash_image_list(split.train + split.memory),
+        "n_train": len(split.train),
+        "memory_images": [p.name for p in split.memory],
+        "holdout_images": [p.name for p in split.holdout],
+        "root": str(Path(cfg.data.root).resolve()),
+        "category": cfg.data.category,
+    }
+
+    def checkpoint(it: int, threshold=None, validation=None) -> Path:
+        return save_checkpoint(out_dir / "checkpoint.pt", model, cfg, iteration=it, threshold=threshold,
+                               data=data_info, backbone_weights=backbone_origin, validation=validation,
+                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+
+    model.train()
+    it = start_it
+    bar = tqdm(total=tc.iterations, initial=start_it, desc="train", unit="it", disable=not (progress and main),
+               file=sys.stderr, dynamic_ncols=True)
+    t0, seen = time.perf_counter(), 0
+    history = []
+    for images, masks in loader:
+        x = to_tensor(images.numpy(), device)
+        target = masks.to(device)
+        logits = net(x)
+        loss, parts = memseg_loss(logits, target, tc.l1_weight, tc.focal_weight, tc.focal_gamma, tc.focal_alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        it += 1
+        seen += len(x) * world
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at iteration {it}: lower --lr")
+        rate = seen / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss_value:.4f}", l1=f"{parts['l1']:.3f}", focal=f"{parts['focal']:.4f}",
+                        img_s=f"{rate:.1f}", lr=f"{scheduler.get_last_lr()[0]:.4f}")
+        bar.update(1)
+        if it % tc.log_every == 0 or it == tc.iterations:
+            history.append({"iteration": it, "loss": loss_value, **parts, "images_per_s": rate})
+        if main and tc.checkpoint_every and it % tc.checkpoint_every == 0 and it < tc.iterations:
+            checkpoint(it)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if main:
+        log(f"trained {it - start_it} iterations in {elapsed:.0f} s ({seen / max(elapsed, 1e-9):.1f} images/s)")
+
+    if world > 1:
+        dist.barrier()
+    if not main:
+        dist.destroy_process_group()
+        return out_dir / "checkpoint.pt"
+
+    model.eval()
+    holdout = load_images(split.holdout, size)
+    threshold, validation = None, None
+    if len(holdout):
+        good_scores = image_scores(predict_maps(model, holdout, device), cfg.eval.top_k)
+        threshold = threshold_for_false_reject_rate(good_scores, tc.target_false_reject_rate)
+        validation = validate_on_synthetic(model, holdout, good_scores, synthesizer, tc.seed, device, cfg.eval.top_k)
+        log(f"decision threshold {threshold['threshold']:.4f} ({threshold['rule']})")
+        log("validation on synthetic anomalies of held-out good images (not test images): "
+            f"image AUROC {validation['image_auroc']:.4f}, pixel AUROC {validation['pixel_auroc']:.4f}")
+    validation = {**(validation or {}), "history": history, "train_seconds": elapsed}
+    path = checkpoint(it, threshold, validation)
+    if world > 1:
+        dist.destroy_process_group()
+    log(f"checkpoint: {path}")
+    return path
+
+
+def validate_on_synthetic(model: MemSeg, holdout: np.ndarray, good_scores: np.ndarray, synthesizer,
+                          seed: int, device, top_k: int) -> dict[str, Any]:
+    """Image and pixel AUROC of held-out good images against synthetic anomalies made from them: a
+    check of training that never looks at test images."""
+    rng = np.random.default_rng([seed, 7919])
+    pairs = [synthesizer(img, rng) for img in holdout]
+    bad = np.stack([a for a, _ in pairs])
+    bad_masks = np.stack([m for _, m in pairs]) > 0.5
+    bad_maps = predict_maps(model, bad, device)
+    bad_scores = image_scores(bad_maps, top_k)
+    good_maps = predict_maps(model, holdout, device)
+    labels = np.r_[np.zeros(len(good_scores), bool), np.ones(len(bad_scores), bool)]
+    return {
+        "image_auroc": metrics.image_auroc(np.r_[good_scores, bad_scores], labels),
+        "pixel_auroc": metrics.pixel_auroc(np.concatenate([good_maps, bad_maps]),
+                                           np.concatenate([np.zeros_like(bad_masks), bad_masks])),
+        "n_images": int(len(labels)),
+        "what": "held-out good images vs synthetic anomalies made from them",
+    }
