@@ -68,3 +68,26 @@ def make_product_dataset(root: Path, size: int = 64, n_train: int = 24, n_test_g
 @pytest.fixture
 def product_root(tmp_path: Path) -> Path:
     return make_product_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def bottle_model(tmp_path_factory) -> dict:
+    """A small MemSeg trained briefly on real bottle images (96x96, real ImageNet MobileNetV2 weights)
+    and its exported bundle: ``{"checkpoint", "bundle", "root"}``. Accuracy is not the point (it is
+    short); exactness of everything downstream is."""
+    require(MVTEC / "bottle" / "train" / "good", "MVTec AD bottle")
+    require(MOBILENET_WEIGHTS, "ImageNet MobileNetV2 weights")
+    from memseg_edge.train.config import MemSegConfig, apply_overrides
+    from memseg_edge.train.export import export_bundle
+    from memseg_edge.train.trainer import train
+
+    out = tmp_path_factory.mktemp("bottle_model")
+    cfg = apply_overrides(MemSegConfig(), {
+        "data.root": str(MVTEC), "data.category": "bottle", "data.image_size": 96,
+        "model.backbone": "mobilenet_v2", "model.backbone_weights": str(MOBILENET_WEIGHTS),
+        "model.memory_samples": 8, "synthesis.textures": str(DTD) if DTD.is_dir() else "",
+        "train.iterations": 30, "train.batch_size": 4, "train.num_workers": 0, "train.warmup_iterations": 5,
+        "train.checkpoint_every": 0})
+    ckpt = train(cfg, out / "run", progress=False, log=lambda *a: None)
+    bundle = export_bundle(ckpt, out / "bundle", log=lambda *a: None)
+    return {"checkpoint": ckpt, "bundle": bundle, "root": MVTEC}

@@ -19,9 +19,19 @@ from .datasets import discover, load_test
 
 
 def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
-    """A model file -> (``predict(images uint8 [N, H, W, 3]) -> maps [N, H, W]``, its metadata).
-    Metadata: ``image_size``, ``top_k``, ``threshold`` (dict or None), ``backbone_weights``, ``kind``."""
+    """A model -> (``predict(images uint8 [N, H, W, 3]) -> maps [N, H, W]``, its metadata).
+
+    ``model_path``: a checkpoint (``.pt``, or a run folder holding ``checkpoint.pt``; needs torch), or a
+    bundle folder / one of its ONNX files (run with onnxruntime; no torch). Metadata: ``image_size``,
+    ``top_k``, ``threshold`` (dict or None), ``backbone_weights``, ``kind``."""
     path = Path(model_path)
+    if path.suffix == ".onnx" or (path.is_dir() and (path / "model.json").is_file()):
+        from memseg_edge.backends import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(path)
+        meta = {k: backend.bundle.meta.get(k) for k in ("image_size", "top_k", "threshold", "backbone_weights")}
+        meta["kind"] = f"onnx ({backend.onnx_path.name}, onnxruntime)"
+        return (lambda images: backend.infer(images)[0][:, 0]), meta
     if path.suffix == ".pt" or (path.is_dir() and (path / "checkpoint.pt").is_file()):
         from .checkpoint import load_model
         from .trainer import predict_maps
@@ -30,7 +40,8 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
         meta = {k: ckpt[k] for k in ("image_size", "top_k", "threshold", "backbone_weights")}
         meta["kind"] = "checkpoint"
         return (lambda images: predict_maps(model, images, device)), meta
-    raise ValueError(f"{path}: expected a checkpoint (.pt) or a run folder holding checkpoint.pt")
+    raise ValueError(f"{path}: expected a checkpoint (.pt), a run folder holding checkpoint.pt, a bundle folder "
+                     "(model.json + model.onnx) or a bundle's .onnx file")
 
 
 def evaluate(model_path: str | Path, data: DataConfig, *, json_path: str | Path | None = None,

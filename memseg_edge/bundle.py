@@ -1,0 +1,92 @@
+"""The model bundle (DESIGN.md): a folder with ``model.onnx`` (and precision variants
+``model.fp16.onnx``, ``model.int8.onnx``) plus ``model.json``. Reading it never needs torch."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FORMAT_VERSION = 1
+INPUT_NAME = "image"
+MAP_NAME = "anomaly_map"
+SCORE_NAME = "score"
+PRECISION_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    root: Path
+    meta: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.meta["top_k"])
+
+    @property
+    def threshold(self) -> float | None:
+        t = self.meta.get("threshold")
+        return float(t["threshold"]) if t else None
+
+    def onnx_path(self, precision: str = "fp32") -> Path:
+        if precision not in PRECISION_FILES:
+            raise ValueError(f"precision must be one of {sorted(PRECISION_FILES)}, found {precision!r}")
+        path = self.root / PRECISION_FILES[precision]
+        if not path.is_file():
+            how = {"fp16": "memseg-edge calibrate BUNDLE --fp16", "int8": "memseg-edge calibrate BUNDLE --images DIR"}
+            raise FileNotFoundError(f"{path} not found: make it first with `{how.get(precision, 'memseg-edge export')}`")
+        return path
+
+    def verify(self, precision: str = "fp32") -> Path:
+        """Check the ONNX file's sha256 against ``model.json``; returns its path."""
+        path = self.onnx_path(precision)
+        entry = self.meta.get("files", {}).get(path.name)
+        if entry is None:
+            raise ValueError(f"{path.name} is not listed in {self.root / 'model.json'}: re-export or re-calibrate")
+        if sha256_file(path) != entry["sha256"]:
+            raise ValueError(f"{path} does not match the sha256 in model.json: the file was changed or copied "
+                             "incompletely; export it again")
+        return path
+
+    def precision_of(self, onnx_file: Path) -> str:
+        entry = self.meta.get("files", {}).get(onnx_file.name, {})
+        return entry.get("precision", "fp32")
+
+    def add_file(self, path: Path, precision: str, **extra: Any) -> None:
+        """Record a new ONNX variant in ``model.json``."""
+        self.meta.setdefault("files", {})[path.name] = {"sha256": sha256_file(path), "precision": precision, **extra}
+        (self.root / "model.json").write_text(json.dumps(self.meta, indent=2))
+
+
+def load_bundle(path: str | Path) -> tuple[Bundle, Path]:
+    """A bundle folder or one of its ONNX files -> (bundle, the ONNX file to run)."""
+    path = Path(path)
+    root, onnx_file = (path, None) if path.is_dir() else (path.parent, path)
+    meta_path = root / "model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: a model bundle is a folder made by `memseg-edge export`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != "memseg-edge-bundle":
+        raise ValueError(f"{meta_path} is not a memseg-edge bundle description")
+    if meta.get("format_version", 0) > BUNDLE_FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has bundle format {meta['format_version']}; this memseg-edge reads up to "
+                         f"{BUNDLE_FORMAT_VERSION}: upgrade memseg-edge")
+    bundle = Bundle(root, meta)
+    if onnx_file is None:
+        onnx_file = bundle.onnx_path("fp32")
+    elif not onnx_file.is_file():
+        raise FileNotFoundError(f"{onnx_file} not found")
+    return bundle, onnx_file
