@@ -1,2 +1,2 @@
-"""Calibration: the decision-threshold rule (and, later, INT8 calibration). Installed as
-``memseg_edge.calibration``; numpy only."""
+"""Calibration: the decision-threshold rule, INT8 (Q/DQ) quantization and FP16 conversion. Installed as
+``memseg_edge.calibration``; numpy, onnx and onnxruntime: never torch."""
