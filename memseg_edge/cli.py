@@ -23,14 +23,17 @@ def _need_trainer():
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="memseg-edge")
 def main():
-    """MemSeg surface-defect detection: train on good parts only, evaluate, and (next) export and run
-    at the line.
+    """MemSeg surface-defect detection: train on good parts only, evaluate, export to ONNX, quantize,
+    and build TensorRT engines for the line.
 
     \b
     Typical flow:
       memseg-edge synth-preview --data ROOT --category NAME --out preview.png
       memseg-edge train --data ROOT --category NAME --out runs/NAME
       memseg-edge eval runs/NAME/checkpoint.pt --data ROOT --category NAME --json metrics.json --plots plots/
+      memseg-edge export runs/NAME --out bundles/NAME
+      memseg-edge calibrate bundles/NAME --images ROOT/NAME/train/good --fp16
+      memseg-edge build-engine bundles/NAME --precision int8 --out NAME.int8.engine
     """
 
 
@@ -131,13 +134,15 @@ def _foreground(cfg, method, threshold, invert):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, plots_dir, device, batch_size, quiet):
-    """Evaluate MODEL (a checkpoint.pt or its run folder) on the test images.
+    """Evaluate MODEL on the test images: a checkpoint.pt or its run folder (PyTorch), or a model
+    bundle folder or one of its ONNX files, e.g. BUNDLE/model.int8.onnx (onnxruntime, no PyTorch).
 
     Prints and writes image AUROC (image score = mean of the top-100 map pixels), pixel AUROC, AUPRO
     (to FPR 0.3, normalised), F1-max, per defect type, and the false-reject and miss rates at the
     model's own threshold. Fractions in [0, 1] in the JSON.
     """
-    _need_trainer()
+    if not (Path(model).suffix == ".onnx" or (Path(model) / "model.json").is_file()):
+        _need_trainer()
     from .train.config import DataConfig
     from .train.evaluate import evaluate
 
@@ -147,6 +152,102 @@ def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, 
         evaluate(model, data, json_path=json_path, plots_dir=plots_dir, device=device, batch_size=batch_size,
                  progress=not quiet)
     except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Bundle folder to write.")
+@click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset.")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-against-PyTorch check after export.")
+def export(checkpoint, out_dir, opset, no_verify):
+    """Export CHECKPOINT (checkpoint.pt or its run folder) to a model bundle: OUT/model.onnx + OUT/model.json.
+
+    The graph takes RGB uint8 images [N, H, W, 3] at the model's size and returns anomaly_map
+    [N, 1, H, W] and score [N] (top-k mean); dynamic batch; memory bank inside. The export is checked
+    against PyTorch with onnxruntime (max |difference| <= 1e-4) unless --no-verify.
+    """
+    _need_trainer()
+    from .train.export import export_bundle
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    try:
+        export_bundle(path, out_dir, opset=opset, verify=not no_verify)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Good images to calibrate INT8 on (never test images). Writes BUNDLE/model.int8.onnx.")
+@click.option("--num", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images to use.")
+@click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True,
+              help="How activation ranges are chosen from the calibration images.")
+@click.option("--fp16", "fp16", is_flag=True, help="Write BUNDLE/model.fp16.onnx (no images needed).")
+@click.option("--keep-fp32", multiple=True, help="Node-name prefix to keep in FP32 as well (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking calibration images.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet):
+    """Make precision variants of a bundle: INT8 (--images) and/or FP16 (--fp16).
+
+    INT8: explicit quantization (QuantizeLinear/DequantizeLinear), symmetric (zero points 0, as TensorRT
+    needs), per-channel weights, calibrated on your good images. The memory-bank step, what its
+    differences feed, the input normalisation and the softmax/score stay FP32. FP16: weights and
+    activations in FP16 with the same parts kept in FP32. Check each with `memseg-edge eval BUNDLE/<file>`.
+    """
+    if not images and not fp16:
+        raise click.UsageError("nothing to do: give --images DIR (INT8) and/or --fp16")
+    from .calibration.fp16 import convert_fp16
+    from .calibration.int8 import quantize_int8
+
+    try:
+        if images:
+            quantize_int8(bundle, images, num=num, method=method, keep_fp32=list(keep_fp32) or None, seed=seed,
+                          progress=not quiet, log=click.echo)
+        if fp16:
+            convert_fp16(bundle, keep_fp32=list(keep_fp32) or None, log=click.echo)
+    except ImportError as exc:
+        raise click.ClickException(f"calibration needs onnx and onnxruntime: pip install 'memseg-edge[onnx]' ({exc})")
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("build-engine")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out", type=click.Path(), default=None,
+              help="Engine file (or folder). Default: BUNDLE/model.<gpu>.<precision>.engine.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="Which ONNX variant to build: model.onnx, model.fp16.onnx or model.int8.onnx (see calibrate).")
+@click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
+              help="TensorRT flavour. Default: tensorrt when it and a CUDA GPU are present, else tensorrt-rtx.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Largest batch the engine accepts.")
+@click.option("--opt-batch", type=click.IntRange(min=1), default=None, help="Batch to optimise for (default: max batch).")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=None, help="Builder workspace limit in MB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Timing cache file, read if present and written after the build (full TensorRT only).")
+@click.option("--compute-capability", "compute_capabilities", multiple=True,
+              help="TensorRT-RTX only: GPU architectures to build for, e.g. 8.6 (repeatable; default NVIDIA's list).")
+@click.option("--verbose", is_flag=True, help="Show TensorRT's info messages.")
+def build_engine_cmd(bundle, out, precision, backend, max_batch, opt_batch, workspace_mb, timing_cache,
+                     compute_capabilities, verbose):
+    """Build a TensorRT engine from a model bundle, on the device that will run it.
+
+    Precision comes from the ONNX variant (TensorRT 11 builds strongly typed networks only); the engine
+    gets a sidecar FILE.engine.json (TensorRT flavour and version, GPU, precision, batch range, sha256 of
+    the source ONNX) that the runtime checks before it loads the engine.
+    """
+    from .engine import EngineError, build_engine
+
+    if opt_batch is not None and opt_batch > max_batch:
+        raise click.BadParameter(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}")
+    try:
+        build_engine(bundle, out, precision=precision, backend=backend, max_batch=max_batch, opt_batch=opt_batch,
+                     workspace_mb=workspace_mb, timing_cache=timing_cache,
+                     compute_capabilities=list(compute_capabilities) or None, verbose=verbose, log=click.echo)
+    except (EngineError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

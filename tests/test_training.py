@@ -117,3 +117,23 @@ def test_own_folder_layout_trains_from_a_folder_of_good_images(product_root, tmp
     path = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     assert read_checkpoint(path)["data"]["n_train"] == 24 - 4 - 5
     assert len(discover(cfg.data).test) == 8
+
+
+def test_two_processes_train_one_model_through_torchrun(product_root, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cli = str(Path(sys.executable).parent / "memseg-edge")
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", "29517", cli, "train", "--data", str(product_root),
+         "--category", "widget", "--backbone", "mobilenet_v2", "--backbone-weights", "none", "--iterations", "2",
+         "--batch-size", "4", "--image-size", "64", "--memory-samples", "4", "--workers", "0", "--quiet",
+         "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert ckpt["iteration"] == 2 and ckpt["threshold"] is not None
+    # Only one process writes: one checkpoint, one log of the configuration.
+    assert proc.stdout.count("memseg-edge train: configuration") == 1
