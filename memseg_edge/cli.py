@@ -160,7 +160,10 @@ def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, 
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Bundle folder to write.")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset.")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime-against-PyTorch check after export.")
-def export(checkpoint, out_dir, opset, no_verify):
+@click.option("--plugin", is_flag=True,
+              help="Also write model.plugin.onnx: the memory-bank step as one memseg::MemoryArgminL2 node (the fused "
+                   "kernel) for `build-engine --plugin`.")
+def export(checkpoint, out_dir, opset, no_verify, plugin):
     """Export CHECKPOINT (checkpoint.pt or its run folder) to a model bundle: OUT/model.onnx + OUT/model.json.
 
     The graph takes RGB uint8 images [N, H, W, 3] at the model's size and returns anomaly_map
@@ -175,6 +178,9 @@ def export(checkpoint, out_dir, opset, no_verify):
         path = path / "checkpoint.pt"
     try:
         export_bundle(path, out_dir, opset=opset, verify=not no_verify)
+        if plugin:
+            from .plugin_rewrite import write_plugin_variants
+            write_plugin_variants(out_dir, precisions=("fp32",), log=click.echo)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -230,9 +236,12 @@ def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet):
               help="Timing cache file, read if present and written after the build (full TensorRT only).")
 @click.option("--compute-capability", "compute_capabilities", multiple=True,
               help="TensorRT-RTX only: GPU architectures to build for, e.g. 8.6 (repeatable; default NVIDIA's list).")
+@click.option("--plugin", is_flag=True,
+              help="Replace the standard-op memory-bank step by the fused MemoryArgminL2 CUDA kernel (a TensorRT "
+                   "plugin; fp32 and fp16). `memseg-edge run` registers it before loading such an engine.")
 @click.option("--verbose", is_flag=True, help="Show TensorRT's info messages.")
 def build_engine_cmd(bundle, out, precision, backend, max_batch, opt_batch, workspace_mb, timing_cache,
-                     compute_capabilities, verbose):
+                     compute_capabilities, plugin, verbose):
     """Build a TensorRT engine from a model bundle, on the device that will run it.
 
     Precision comes from the ONNX variant (TensorRT 11 builds strongly typed networks only); the engine
@@ -246,7 +255,8 @@ def build_engine_cmd(bundle, out, precision, backend, max_batch, opt_batch, work
     try:
         build_engine(bundle, out, precision=precision, backend=backend, max_batch=max_batch, opt_batch=opt_batch,
                      workspace_mb=workspace_mb, timing_cache=timing_cache,
-                     compute_capabilities=list(compute_capabilities) or None, verbose=verbose, log=click.echo)
+                     compute_capabilities=list(compute_capabilities) or None, plugin=plugin, verbose=verbose,
+                     log=click.echo)
     except (EngineError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 

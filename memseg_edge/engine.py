@@ -370,7 +370,7 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
                  workspace_mb: int | None = None, timing_cache: str | Path | None = None,
                  log: Callable[[str], Any] = print, *, compute_capabilities: Iterable[Any] | None = None,
                  register_plugins: Callable[[Any], Iterable[str] | None] | None = None,
-                 verbose: bool = False) -> Path:
+                 plugin: bool = False, verbose: bool = False) -> Path:
     """Build a TensorRT engine for ``precision``'s ONNX file of ``bundle``; returns the engine's path.
 
     ``out``: the engine file (``<out>.json`` is its sidecar); a folder or ``None`` puts
@@ -381,7 +381,10 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
     TensorRT only). ``compute_capabilities`` (TensorRT-RTX only): targets such as ``["7.5", "8.6"]`` or
     ``["current"]`` (the GPU here); default: NVIDIA's default targets (8.0, 8.6, 8.9, 12.0 and later).
     ``register_plugins(trt_module)`` runs before the ONNX file is parsed and returns the names of the plugins
-    it registered (recorded in the sidecar). Raises :class:`EngineBuildError` with what to do.
+    it registered (recorded in the sidecar). ``plugin``: build the bundle's plugin variant
+    (``model.plugin.onnx`` / ``model.fp16.plugin.onnx``, written from the precision variant if absent), in
+    which one ``memseg::MemoryArgminL2`` node (the fused memory-bank kernel) replaces the standard-op memory
+    step; its creator is registered before parsing. Raises :class:`EngineBuildError` with what to do.
     """
     t_start = time.perf_counter()
     if precision not in PRECISION_FILES:
@@ -394,9 +397,11 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
     # The bundle first: a wrong path or a missing variant is the most common mistake.
     try:
         bnd, _ = load_bundle(bundle)
-        onnx_path = bnd.verify(precision)
+        onnx_path = _plugin_variant(bnd, precision, log) if plugin else bnd.verify(precision)
     except (FileNotFoundError, ValueError) as exc:
         raise EngineBuildError(str(exc)) from exc
+    if plugin and register_plugins is None:
+        from .plugin import register_plugin as register_plugins
     onnx_sha = sha256_file(onnx_path)
     declared = bnd.precision_of(onnx_path)
     if declared != precision:
@@ -487,11 +492,11 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
         why = "\n".join(f"  {m}" for m in logger.errors[-8:]) or "  (TensorRT gave no reason)"
         raise EngineBuildError(
             f"{flavour.name} {flavour.version} could not build an engine from {onnx_path}:\n{why}\n"
-            "Try: a larger workspace (--workspace-mb), a smaller --max-batch, another --precision"
+            "Try: a larger workspace (--workspace MB), a smaller --max-batch, another --precision"
             + (", or --backend tensorrt on the target GPU" if flavour.name == "tensorrt-rtx" else "")
             + ", or run the ONNX file with --backend onnxruntime.")
 
-    out_path = _resolve_out(out, bnd.root, precision, flavour.name, device)
+    out_path = _resolve_out(out, bnd.root, precision + (".plugin" if plugin else ""), flavour.name, device)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     view = memoryview(serialized)
     _atomic_write(out_path, view)
@@ -527,6 +532,25 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
     log(f"wrote {out_path} ({serialized.nbytes / 1e6:.2f} MB, {meta['build_seconds']:.1f} s) and "
         f"{sidecar_path(out_path).name}")
     return out_path
+
+
+def _plugin_variant(bnd, precision: str, log: Callable[[str], Any]) -> Path:
+    """The bundle's plugin variant for ``precision`` (written on first use), checked against model.json."""
+    from .plugin_rewrite import PLUGIN_FILES, write_plugin_variants
+
+    if precision not in PLUGIN_FILES:
+        raise ValueError(f"--plugin builds {' and '.join(PLUGIN_FILES)} engines; the INT8 variant keeps the memory "
+                         "step as FP32 standard ops (build it without --plugin)")
+    path = bnd.root / PLUGIN_FILES[precision]
+    entry = bnd.meta.get("files", {}).get(path.name)
+    if not path.is_file() or entry is None:
+        write_plugin_variants(bnd.root, precisions=(precision,), log=log)
+        bnd.meta = json.loads((bnd.root / "model.json").read_text())
+        entry = bnd.meta.get("files", {}).get(path.name)
+    if entry is None or sha256_file(path) != entry["sha256"]:
+        raise ValueError(f"{path} does not match the sha256 in model.json: delete it and build again "
+                         "(it is rewritten from the bundle's model)")
+    return path
 
 
 def _resolve_out(out, bundle_root: Path, precision: str, flavour: str, device: dict | None) -> Path:

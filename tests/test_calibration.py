@@ -302,20 +302,24 @@ def test_fp16_keeps_user_prefixes_in_float32(variants, tmp_path):
 # ------------------------------------------------------------------------------------------ TensorRT
 
 
-def test_variants_build_as_strongly_typed_tensorrt_rtx_engines(variants):
-    """The point of both files: TensorRT takes precision from the graph. TensorRT-RTX's builder runs on
-    a CPU and its networks are always strongly typed, so every Cast and Q/DQ must be consistent."""
-    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install 'memseg-edge[rtx]') absent")
-    size = load_bundle(variants["bundle"])[0].image_size
-    logger = trt.Logger(trt.Logger.ERROR)
-    for path in (variants["int8"], variants["fp16"]):
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, logger)
-        assert parser.parse_from_file(str(path)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
-        config = builder.create_builder_config()
-        profile = builder.create_optimization_profile()
-        profile.set_shape("image", (1, size, size, 3), (1, size, size, 3), (2, size, size, 3))
-        config.add_optimization_profile(profile)
-        engine = builder.build_serialized_network(network, config)
-        assert engine is not None and engine.nbytes > 1_000_000, path.name
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_build_engine_makes_real_tensorrt_rtx_engines_of_each_variant(variants, precision, tmp_path):
+    """The user's path: `memseg-edge build-engine` on the trained model's bundle. TensorRT-RTX's builder
+    runs on a CPU and its networks are always strongly typed, so every Cast and Q/DQ must be consistent."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install 'memseg-edge[rtx]') absent")
+    from click.testing import CliRunner
+
+    from memseg_edge.bundle import sha256_file
+    from memseg_edge.cli import main
+    from memseg_edge.engine import load_engine_meta
+
+    out = tmp_path / f"model.{precision}.engine"
+    result = CliRunner().invoke(main, ["build-engine", str(variants["bundle"]), "--precision", precision,
+                                       "--backend", "tensorrt-rtx", "--max-batch", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 1_000_000
+    meta = load_engine_meta(out)
+    source = {"fp32": variants["bundle"] / "model.onnx", "fp16": variants["fp16"], "int8": variants["int8"]}[precision]
+    assert meta["precision"] == precision and meta["max_batch"] == 4 and meta["flavour"] == "tensorrt-rtx"
+    assert meta["onnx_sha256"] == sha256_file(source)
+    assert meta["engine_sha256"] == sha256_file(out)

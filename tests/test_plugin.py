@@ -1,0 +1,334 @@
+"""The MemoryArgminL2 plugin: the rewrite of a real exported bundle (memseg_edge.plugin_rewrite), and real
+TensorRT-RTX engines built on the CPU from its plugin variants in FP32 and FP16 with the plugin's
+build-time methods called by the builder (memseg_edge.plugin). Engines are built in a fresh process:
+the tensorrt-rtx library fix must precede the first ``import tensorrt_rtx``, and a parser abort must not
+take pytest with it. Running an engine needs a GPU (marked ``gpu``)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memseg_edge import plugin
+from memseg_edge.bundle import load_bundle, sha256_file
+from memseg_edge.cuda_env import cuda_device
+from test_kernel import make_memory_bundle
+
+onnx = pytest.importorskip("onnx", reason="the rewrite needs onnx (pip install 'memseg-edge[onnx]')")
+from onnx import TensorProto, numpy_helper  # noqa: E402
+
+from memseg_edge import plugin_rewrite as pr  # noqa: E402
+
+needs_rtx = pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None,
+                               reason="tensorrt_rtx not installed (pip install 'memseg-edge[rtx]')")
+LEVELS = [(24, 16, 16), (32, 8, 8), (96, 4, 4)]   # MobileNetV2 at 64x64 (make_memory_bundle)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A copy of the session's tiny exported bundle with its FP16 variant (calibration's converter)."""
+    from memseg_edge.calibration.fp16 import convert_fp16
+
+    src = make_memory_bundle(tmp_path_factory)
+    dst = tmp_path_factory.mktemp("plugin") / "bundle"
+    shutil.copytree(src, dst)
+    convert_fp16(dst, log=lambda *a: None)
+    return dst
+
+
+def _memory(bundle: Path) -> dict:
+    return json.loads((bundle / "model.json").read_text())["memory_subgraph"]
+
+
+def _plugin_nodes(model):
+    return [n for n in model.graph.node if n.op_type == pr.PLUGIN_OP]
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+# ------------------------------------------------------------------ the rewrite
+
+
+def test_rewrite_replaces_the_named_subgraph_by_one_plugin_node(bundle):
+    mem = _memory(bundle)
+    src = onnx.load(str(bundle / "model.onnx"))
+    out = pr.rewrite_model(src, mem, "sum")
+    assert not [n for n in out.graph.node if n.name.startswith(mem["node_prefix"])]
+    (node,) = _plugin_nodes(out)
+    assert node.domain == "memseg"
+    assert list(node.input) == mem["inputs"] + mem["bank_initializers"]
+    assert list(node.output) == mem["outputs"] + [pr.INDEX_NAME]
+    attrs = _attrs(node)
+    assert attrs["plugin_namespace"] == b"memseg" and attrs["plugin_version"] == b"1"
+    assert attrs["levels"] == 3 and attrs["samples"] == 4 and attrs["selection"] == b"sum"
+    assert list(zip(attrs["channels"], attrs["heights"], attrs["widths"])) == LEVELS
+    # everything outside the step is untouched, node for node
+    outside = [(n.name, list(n.input), list(n.output)) for n in src.graph.node
+               if not n.name.startswith(mem["node_prefix"])]
+    assert [(n.name, list(n.input), list(n.output)) for n in out.graph.node if n.op_type != pr.PLUGIN_OP] == outside
+    banks = {t.name: t for t in out.graph.initializer}
+    assert all(banks[b].data_type == TensorProto.FLOAT for b in mem["bank_initializers"])
+    assert [o.name for o in out.graph.output] == [o.name for o in src.graph.output]
+    assert any(o.domain == "memseg" for o in out.opset_import) and out.ir_version <= 10
+    onnx.checker.check_model(out, full_check=False)
+    with pytest.raises(ValueError, match="already rewritten"):
+        pr.rewrite_model(out, mem, "sum")
+
+
+def test_fp16_variant_runs_the_plugin_in_float16_between_casts(bundle):
+    mem = _memory(bundle)
+    out = pr.rewrite_model(onnx.load(str(bundle / "model.fp16.onnx")), mem, "sum", io_dtype="fp16")
+    (node,) = _plugin_nodes(out)
+    casts = {n.output[0]: n for n in out.graph.node if n.op_type == "Cast"}
+    for name in node.input[:3]:
+        assert casts[name].input[0] in mem["inputs"] and _attrs(casts[name])["to"] == TensorProto.FLOAT16
+    inits = {t.name: t for t in out.graph.initializer}
+    for name in node.input[3:]:
+        assert inits[name].data_type == TensorProto.FLOAT16
+    orig = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(bundle / "model.onnx")).graph.initializer}
+    np.testing.assert_array_equal(numpy_helper.to_array(inits[node.input[3]]),
+                                  orig[mem["bank_initializers"][0]].astype(np.float16))
+    back = [n for n in out.graph.node if n.op_type == "Cast" and n.output[0] in mem["outputs"]]
+    assert len(back) == 3 and all(_attrs(n)["to"] == TensorProto.FLOAT for n in back)
+    # the default keeps the subgraph's own type: float32, as calibration keeps the memory step
+    (plain,) = _plugin_nodes(pr.rewrite_model(onnx.load(str(bundle / "model.fp16.onnx")), mem, "sum"))
+    assert list(plain.input) == mem["inputs"] + mem["bank_initializers"]
+
+
+def test_plugin_variants_are_recorded_in_the_bundle(bundle, tmp_path):
+    work = tmp_path / "b"
+    shutil.copytree(bundle, work)
+    written = pr.write_plugin_variants(work, log=lambda *a: None)
+    assert {p.name for p in written.values()} == {"model.plugin.onnx", "model.fp16.plugin.onnx"}
+    b, _ = load_bundle(work)
+    for name, precision in (("model.plugin.onnx", "fp32"), ("model.fp16.plugin.onnx", "fp16")):
+        entry = b.meta["files"][name]
+        assert entry["sha256"] == sha256_file(work / name) and entry["precision"] == precision
+        assert entry["plugin"] == "memseg::MemoryArgminL2"
+    b.verify("fp32")  # the original files are untouched
+    pb = pr.plugin_bundle(work, tmp_path / "pb", log=lambda *a: None)
+    meta = json.loads((pb / "model.json").read_text())
+    assert meta["memory_plugin"] == "memseg::MemoryArgminL2"
+    assert set(meta["files"]) == {"model.onnx", "model.fp16.onnx"}
+    assert len(_plugin_nodes(onnx.load(str(pb / "model.onnx")))) == 1
+
+
+def test_plugin_fields_parse_as_the_parser_and_the_engine_pass_them():
+    class Field:
+        def __init__(self, name, data):
+            self.name, self.data = name, data
+
+    raw = {"levels": np.array([3], np.int32), "channels": np.array([24, 32, 96], np.int32),
+           "heights": np.array([16, 8, 4], np.int32), "widths": np.array([16, 8, 4], np.int32),
+           "samples": np.array([30], np.int32), "selection": np.frombuffer(b"per_level\0", np.int8)}
+    step = plugin.step_from_fields({k: plugin._field_value(Field(k, v)) for k, v in raw.items()})
+    assert step.levels == tuple(LEVELS) and step.samples == 30 and step.per_level
+    with pytest.raises(ValueError, match="missing"):
+        plugin.step_from_fields({"levels": [3]})
+    bad = {k: plugin._field_value(Field(k, v)) for k, v in raw.items()}
+    bad["levels"] = [2]
+    with pytest.raises(ValueError, match="levels=2"):
+        plugin.step_from_fields(bad)
+
+
+# ------------------------------------------------------------------ engines (TensorRT-RTX, CPU)
+
+BUILD_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    from memseg_edge import engine as eng, plugin
+    from memseg_edge.plugin_rewrite import plugin_bundle
+
+    src, work = Path(sys.argv[1]), Path(sys.argv[2])
+    pb = plugin_bundle(src, work / "plugin_bundle", fp16_io="fp16", log=lambda m: None)
+    result = {"engines": {}, "calls": {}, "networks": {}}
+    for precision in ("fp32", "fp16"):
+        plugin.CALL_LOG.clear()
+        path = eng.build_engine(pb, work / f"plugin.{precision}.engine", precision=precision, backend="tensorrt-rtx",
+                                max_batch=4, opt_batch=2, register_plugins=plugin.register_plugin,
+                                log=lambda m: print(m, flush=True))
+        result["engines"][precision] = json.loads(eng.sidecar_path(path).read_text())
+        result["calls"][precision] = [[c, i] for c, i in plugin.CALL_LOG]
+        eng.build_engine(src, work / f"plain.{precision}.engine", precision=precision, backend="tensorrt-rtx",
+                         max_batch=4, opt_batch=2, log=lambda m: None)
+
+    trt = eng.import_flavour("tensorrt-rtx").trt
+    logger = trt.Logger(trt.Logger.ERROR)
+    for tag, root in (("plain", src), ("plugin", pb)):
+        for precision, name in (("fp32", "model.onnx"), ("fp16", "model.fp16.onnx")):
+            builder = trt.Builder(logger)
+            network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+            parser = trt.OnnxParser(network, logger)
+            assert parser.parse_from_file(str(root / name)), name
+            outs = [network.get_output(i) for i in range(network.num_outputs)]
+            layers = [network.get_layer(i) for i in range(network.num_layers)]
+            result["networks"][f"{tag}.{precision}"] = {
+                "outputs": [[t.name, list(t.shape), str(t.dtype)] for t in outs],
+                "plugin_layers": sum(1 for l in layers if l.type == trt.LayerType.PLUGIN_V3)}
+    print("RESULT " + json.dumps(result, default=str), flush=True)
+''')
+
+
+@pytest.fixture(scope="module")
+def rtx_plugin_build(bundle, tmp_path_factory) -> dict:
+    if importlib.util.find_spec("tensorrt_rtx") is None:
+        pytest.skip("tensorrt_rtx not installed (pip install 'memseg-edge[rtx]')")
+    work = tmp_path_factory.mktemp("rtx_plugin")
+    script = work / "build.py"
+    script.write_text(BUILD_SCRIPT)
+    env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(script), str(bundle), str(work)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def _calls(result: dict, precision: str, name: str) -> list[dict]:
+    return [info for call, info in result["calls"][precision] if call == name]
+
+
+@needs_rtx
+@pytest.mark.parametrize("precision,trt_type", [("fp32", "DataType.FLOAT"), ("fp16", "DataType.HALF")])
+def test_rtx_builds_plugin_engine_calling_the_build_methods(rtx_plugin_build, precision, trt_type):
+    meta = rtx_plugin_build["engines"][precision]
+    assert meta["plugins"] == ["memseg::MemoryArgminL2"] and meta["precision"] == precision
+    assert meta["engine_bytes"] > 100_000 and meta["flavour"] == "tensorrt-rtx"
+
+    created = _calls(rtx_plugin_build, precision, "create_plugin")
+    assert created and created[0]["phase"].endswith("BUILD")
+    assert created[0]["fields"] == {"levels": [3], "channels": [24, 32, 96], "heights": [16, 8, 4],
+                                    "widths": [16, 8, 4], "samples": [4], "selection": "sum"}
+
+    shapes = _calls(rtx_plugin_build, precision, "get_output_shapes")
+    assert shapes and shapes[0]["inputs"] == 6 and shapes[0]["ranks"] == [4] * 6
+    assert shapes[0]["banks"] == [[4, *lv] for lv in LEVELS]
+
+    types = _calls(rtx_plugin_build, precision, "get_output_data_types")
+    assert types and types[0]["inputs"] == [trt_type] * 6
+    assert types[0]["outputs"] == [trt_type] * 3 + ["DataType.INT32"]
+
+    formats = _calls(rtx_plugin_build, precision, "supports_format_combination")
+    accepted = {(f["pos"], f["type"]) for f in formats if f["ok"]}
+    assert {pos for pos, _ in accepted} == set(range(10))
+    assert all(t == ("DataType.INT32" if pos == 9 else trt_type) for pos, t in accepted)
+    assert all(f["format"] == "TensorFormat.LINEAR" for f in formats if f["ok"])
+    assert all(f["num_inputs"] == 6 for f in formats)
+
+    configured = _calls(rtx_plugin_build, precision, "configure_plugin")
+    assert configured
+    cfg = configured[-1]
+    assert cfg["inputs"] == [[trt_type, [-1, *lv]] for lv in LEVELS] + [[trt_type, [4, *lv]] for lv in LEVELS]
+    assert cfg["outputs"] == [[trt_type, [-1, *lv]] for lv in LEVELS] + [["DataType.INT32", [-1]]]
+    assert cfg["max_batch"] == 4
+
+    work = _calls(rtx_plugin_build, precision, "get_workspace_size")
+    assert work and work[-1]["bytes"] == 4 * 4 * 4 * (2 + 1 + 1)   # batch 4 x 4 samples x (2 + 1 + 1) chunks
+
+    serialized = _calls(rtx_plugin_build, precision, "get_fields_to_serialize")
+    assert serialized and serialized[-1] == created[0]["fields"]
+
+
+@needs_rtx
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_plugin_and_plugin_free_networks_have_the_same_outputs(rtx_plugin_build, precision):
+    plain = rtx_plugin_build["networks"][f"plain.{precision}"]
+    plug = rtx_plugin_build["networks"][f"plugin.{precision}"]
+    assert plain["plugin_layers"] == 0 and plug["plugin_layers"] == 1
+    assert plug["outputs"] == plain["outputs"]
+    assert [o[0] for o in plain["outputs"]] == ["anomaly_map", "score"]
+    assert plain["outputs"][0][1] == [-1, 1, 64, 64] and plain["outputs"][1][1] == [-1]
+
+
+# ------------------------------------------------------------------ on a GPU
+
+RUN_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import numpy as np
+    from pathlib import Path
+    from cuda.bindings import driver, runtime
+    from memseg_edge import engine as eng, plugin
+    from memseg_edge.backends import OnnxRuntimeBackend
+
+    src, work = Path(sys.argv[1]), Path(sys.argv[2])
+    from memseg_edge.plugin_rewrite import plugin_bundle
+    pb = plugin_bundle(src, work / "pb", precisions=("fp32",), log=lambda m: None)
+    path = eng.build_engine(pb, work / "p.engine", backend="tensorrt-rtx", max_batch=4,
+                            compute_capabilities=["current"], register_plugins=plugin.register_plugin)
+    trt = eng.import_flavour("tensorrt-rtx").trt
+    plugin.register_plugin(trt)
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+    ctx = engine.create_execution_context()
+    size = json.loads((src / "model.json").read_text())["image_size"]
+    images = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    ctx.set_input_shape("image", images.shape)
+    host = {"image": images, "anomaly_map": np.full((3, 1, size, size), np.nan, np.float32),
+            "score": np.full((3,), np.nan, np.float32)}
+    dev = {}
+    for name, arr in host.items():
+        err, ptr = runtime.cudaMalloc(arr.nbytes)
+        dev[name] = ptr
+        runtime.cudaMemcpy(ptr, arr.ctypes.data, arr.nbytes, runtime.cudaMemcpyKind.cudaMemcpyHostToDevice)
+        ctx.set_tensor_address(name, int(ptr))
+    err, stream = runtime.cudaStreamCreate()
+    assert ctx.execute_async_v3(int(stream))
+    runtime.cudaStreamSynchronize(stream)
+    for name in ("anomaly_map", "score"):
+        runtime.cudaMemcpy(host[name].ctypes.data, dev[name], host[name].nbytes,
+                           runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+    amap, score = OnnxRuntimeBackend(src).infer(images)
+    print("RESULT", json.dumps({"map": float(np.abs(host["anomaly_map"] - amap).max()),
+                                "score": float(np.abs(host["score"] - score).max())}), flush=True)
+''')
+
+
+@pytest.mark.gpu
+@needs_rtx
+@pytest.mark.skipif(cuda_device() is None, reason="no CUDA GPU here: the plugin's enqueue runs the kernel on a GPU")
+def test_plugin_engine_matches_onnxruntime_on_the_gpu(bundle, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, str(script), str(bundle), str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+    assert result["map"] < 1e-4 and result["score"] < 1e-4
+
+
+@needs_rtx
+def test_build_engine_plugin_option_writes_the_variant_and_records_the_plugin(bundle, tmp_path):
+    """The user's path: `memseg-edge build-engine BUNDLE --plugin` rewrites the bundle's model on first use,
+    registers the creator, builds, and the sidecar tells the runtime which plugin to register."""
+    work = tmp_path / "bundle"
+    shutil.copytree(bundle, work)
+    for name in ("model.plugin.onnx", "model.fp16.plugin.onnx"):
+        (work / name).unlink(missing_ok=True)
+    exe = Path(sys.executable).with_name("memseg-edge")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    out = tmp_path / "m.engine"
+    proc = subprocess.run([str(exe), "build-engine", str(work), "--plugin", "--precision", "fp16",
+                           "--backend", "tensorrt-rtx", "--max-batch", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "m.engine.json").read_text())
+    assert meta["plugins"] == [f"{pr.PLUGIN_DOMAIN}::{pr.PLUGIN_OP}"]
+    assert meta["onnx_file"] == "model.fp16.plugin.onnx"
+    assert meta["onnx_sha256"] == sha256_file(work / "model.fp16.plugin.onnx")
+    assert len(_plugin_nodes(onnx.load(str(work / "model.fp16.plugin.onnx")))) == 1
+    # INT8 keeps the memory step as FP32 standard ops: --plugin refuses it with the reason.
+    proc = subprocess.run([str(exe), "build-engine", str(work), "--plugin", "--precision", "int8",
+                           "--backend", "tensorrt-rtx", "--out", str(tmp_path / "i.engine")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0 and "without --plugin" in proc.stderr
