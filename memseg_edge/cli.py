@@ -12,12 +12,13 @@ from . import __version__
 
 
 def _need_trainer():
-    try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-    except ImportError as exc:
-        raise click.ClickException(
-            f"this command needs the trainer ({exc.name} is not installed): pip install 'memseg-edge[train]'")
+    """Fail with the install command when PyTorch is absent (checked without importing it)."""
+    import importlib.util
+
+    for name in ("torch", "torchvision"):
+        if importlib.util.find_spec(name) is None:
+            raise click.ClickException(
+                f"this command needs the trainer ({name} is not installed): pip install 'memseg-edge[train]'")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
