@@ -86,7 +86,7 @@ def bottle_model(tmp_path_factory) -> dict:
         "data.root": str(MVTEC), "data.category": "bottle", "data.image_size": 96,
         "model.backbone": "mobilenet_v2", "model.backbone_weights": str(MOBILENET_WEIGHTS),
         "model.memory_samples": 8, "synthesis.textures": str(DTD) if DTD.is_dir() else "",
-        "train.iterations": 30, "train.batch_size": 4, "train.num_workers": 0, "train.warmup_iterations": 5,
+        "train.iterations": 100, "train.batch_size": 4, "train.num_workers": 0, "train.warmup_iterations": 5,
         "train.checkpoint_every": 0})
     ckpt = train(cfg, out / "run", progress=False, log=lambda *a: None)
     bundle = export_bundle(ckpt, out / "bundle", log=lambda *a: None)
