@@ -135,15 +135,17 @@ def _foreground(cfg, method, threshold, invert):
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, plots_dir, device, batch_size, quiet):
-    """Evaluate MODEL on the test images: a checkpoint.pt or its run folder (PyTorch), or a model
-    bundle folder or one of its ONNX files, e.g. BUNDLE/model.int8.onnx (onnxruntime, no PyTorch).
+    """Evaluate MODEL on the test images: a checkpoint.pt or its run folder (PyTorch), a model
+    bundle folder or one of its ONNX files, e.g. BUNDLE/model.int8.onnx (onnxruntime, no PyTorch), or a
+    TensorRT engine FILE.engine built by build-engine (on its GPU; the sidecar is checked first).
 
     Prints and writes image AUROC (image score = mean of the top-100 map pixels), pixel AUROC, AUPRO
     (to FPR 0.3, normalised), F1-max, per defect type, and the false-reject and miss rates at the
     model's own threshold. Fractions in [0, 1] in the JSON.
     """
-    if not (Path(model).suffix == ".onnx" or (Path(model) / "model.json").is_file()):
+    if not (Path(model).suffix in (".onnx", ".engine") or (Path(model) / "model.json").is_file()):
         _need_trainer()
+    from .engine import EngineError
     from .train.config import DataConfig
     from .train.evaluate import evaluate
 
@@ -152,7 +154,7 @@ def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, 
     try:
         evaluate(model, data, json_path=json_path, plots_dir=plots_dir, device=device, batch_size=batch_size,
                  progress=not quiet)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, EngineError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -314,6 +316,11 @@ def synth_preview(data_root, category, layout, test_dir, mask_dir, out_file, tex
     click.echo(f"foreground: {fg}")
     click.echo(f"wrote {out_file} ({len(images)} samples)")
 
+
+# The line-side commands (run, camera, plc-listen, demo) live in their own module.
+from .runtime_cli import register as _register_runtime_commands  # noqa: E402
+
+_register_runtime_commands(main)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -521,3 +521,20 @@ def test_prepare_tensorrt_rtx_idempotent_and_repairs_stale_links(tmp_path):
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert link.resolve().is_file()
+
+
+def test_eval_of_an_engine_without_its_gpu_is_a_clear_refusal(rtx_engines, tmp_path):
+    """`memseg-edge eval FILE.engine` checks the sidecar against this machine before TensorRT loads anything:
+    here (no GPU) it must refuse with what to do, not crash the process."""
+    from memseg_edge.cuda_env import cuda_device
+
+    if cuda_device() is not None:
+        pytest.skip("a CUDA GPU is here: the refusal is for machines without one")
+    engine = rtx_engines["fp32"][0]
+    exe = Path(sys.executable).with_name("memseg-edge")
+    data = tmp_path / "data" / "x" / "test" / "good"
+    data.mkdir(parents=True)
+    proc = subprocess.run([str(exe), "eval", str(engine), "--data", str(tmp_path / "data"), "--category", "x"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "no CUDA GPU" in proc.stderr and "onnxruntime" in proc.stderr

@@ -22,7 +22,8 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
     """A model -> (``predict(images uint8 [N, H, W, 3]) -> maps [N, H, W]``, its metadata).
 
     ``model_path``: a checkpoint (``.pt``, or a run folder holding ``checkpoint.pt``; needs torch), or a
-    bundle folder / one of its ONNX files (run with onnxruntime; no torch). Metadata: ``image_size``,
+    bundle folder / one of its ONNX files (run with onnxruntime; no torch), or a TensorRT ``.engine`` (needs
+    its GPU; the sidecar is checked first). Metadata: ``image_size``,
     ``top_k``, ``threshold`` (dict or None), ``backbone_weights``, ``kind``."""
     path = Path(model_path)
     if path.suffix == ".onnx" or (path.is_dir() and (path / "model.json").is_file()):
@@ -31,6 +32,16 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
         backend = OnnxRuntimeBackend(path)
         meta = {k: backend.bundle.meta.get(k) for k in ("image_size", "top_k", "threshold", "backbone_weights")}
         meta["kind"] = f"onnx ({backend.onnx_path.name}, onnxruntime)"
+        return (lambda images: backend.infer(images)[0][:, 0]), meta
+    if path.suffix == ".engine":
+        from memseg_edge.trt_backend import TensorRTBackend
+
+        backend = TensorRTBackend(path, log=lambda *a: None)   # checks the sidecar against this GPU first
+        info = backend.info
+        bundle_meta = backend_bundle_meta(path)
+        meta = {"image_size": info.image_size, "top_k": info.top_k, "threshold": bundle_meta.get("threshold"),
+                "backbone_weights": bundle_meta.get("backbone_weights"),
+                "kind": f"engine ({path.name}, {backend.name})"}
         return (lambda images: backend.infer(images)[0][:, 0]), meta
     if path.suffix == ".pt" or (path.is_dir() and (path / "checkpoint.pt").is_file()):
         from .checkpoint import load_model
@@ -41,7 +52,18 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
         meta["kind"] = "checkpoint"
         return (lambda images: predict_maps(model, images, device)), meta
     raise ValueError(f"{path}: expected a checkpoint (.pt), a run folder holding checkpoint.pt, a bundle folder "
-                     "(model.json + model.onnx) or a bundle's .onnx file")
+                     "(model.json + model.onnx), a bundle's .onnx file or a TensorRT .engine (with its sidecar)")
+
+
+def backend_bundle_meta(engine_path: Path) -> dict:
+    """The ``model.json`` of the bundle an engine was built from (``{}`` when it is no longer there)."""
+    import json
+
+    from memseg_edge.engine import load_engine_meta
+
+    bundle = load_engine_meta(engine_path).get("bundle")
+    path = Path(bundle) / "model.json" if bundle else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 
 def evaluate(model_path: str | Path, data: DataConfig, *, json_path: str | Path | None = None,

@@ -1,0 +1,395 @@
+"""Line-side commands: run, camera, plc-listen, keys, demo (registered on the main group by cli.py).
+
+Each is a thin layer over a Python API a test can call directly (:mod:`memseg_edge.runtime`,
+:mod:`memseg_edge.sources`, :mod:`memseg_edge.plc`, :mod:`memseg_edge.transport`,
+:mod:`memseg_edge.demo`). Nothing here imports torch; ``demo`` imports the trainer when it runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+ENDPOINT_HELP = ("PORT means tcp://127.0.0.1:PORT (this machine only); HOST:PORT, tcp://HOST:PORT, ipc:///path "
+                 "are used as written; all interfaces only when written: tcp://*:PORT or 0.0.0.0:PORT.")
+
+
+def _log(message: str) -> None:
+    click.echo(f"{time.strftime('%H:%M:%S')} {message}", err=True)
+
+
+def _endpoint(value: str, *, bind: bool, option: str) -> str:
+    from .transport import EndpointError, endpoint
+
+    try:
+        return endpoint(value, bind=bind)
+    except EndpointError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
+
+
+def _client_keys(curve_keys: str | None, curve_client: str | None):
+    if not curve_keys:
+        return None
+    from .transport import load_client_keys
+
+    try:
+        return load_client_keys(curve_keys, curve_client)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class _Signals:
+    """SIGINT/SIGTERM: the first asks for an orderly stop (flush, then exit), a second one exits at once."""
+
+    def __init__(self, on_stop, what: str):
+        self._on_stop = on_stop
+        self._what = what
+        self._count = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self._count += 1
+        if self._count == 1:
+            _log(f"{signal.Signals(signum).name}: {self._what} (press Ctrl-C again to quit at once)")
+            self._on_stop()
+        else:
+            _log("second signal: quitting now, frames in flight are lost")
+            os._exit(130)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _source_options(f):
+    f = click.option("--images", "images", multiple=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+                     help="A folder of images (.png .jpg .bmp .tif), read in name order.")(f)
+    f = click.option("--video", "videos", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                     help="A video file OpenCV can read.")(f)
+    f = click.option("--camera", "cameras", multiple=True, type=click.IntRange(min=0), metavar="IDX",
+                     help="A camera by OpenCV index (0 = the first); reopened with back-off when it drops out.")(f)
+    return f
+
+
+# ------------------------------------------------------------------------------------------------
+# run
+# ------------------------------------------------------------------------------------------------
+
+@click.command("run", context_settings={"max_content_width": 110})
+@click.option("--model", required=True, type=click.Path(exists=True),
+              help="A bundle folder or one of its .onnx files (onnxruntime, CPU), or a .engine file built by "
+                   "`memseg-edge build-engine` (TensorRT on the GPU; its .engine.json sidecar is checked first).")
+@click.option("--zmq", "zmq_endpoints", multiple=True, metavar="ENDPOINT",
+              help="Bind a frame endpoint (PULL) that camera stations connect to (repeatable). " + ENDPOINT_HELP)
+@_source_options
+@click.option("--results", required=True, metavar="ENDPOINT",
+              help="Bind the verdict endpoint (PUB): one [verdict.<camera>, JSON] per frame plus a heartbeat.")
+@click.option("--reply", default=None, metavar="ENDPOINT",
+              help="Bind a request-reply endpoint (ROUTER; REQ or DEALER clients): send a frame [header, payload] "
+                   "and get its verdict, or {\"trigger\": true, \"camera\": NAME} for that camera's next verdict.")
+@click.option("--threshold", type=float, default=None,
+              help="Decision threshold (score >= T is FAIL). Default: the one chosen at training (model.json).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Most frames judged together (default: the engine's largest batch; 8 with onnxruntime).")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long a batch waits for more frames after its first is ready (0 = never wait).")
+@click.option("--queue", "queue_frames", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
+              help="Frames waiting to be judged before the oldest is dropped (ERROR 'dropped: runtime overloaded').")
+@click.option("--save-failures", type=click.Path(file_okay=False), default=None,
+              help="Write an overlay (anomaly map over the frame) of every FAIL verdict here, DIR/<camera>/...jpg.")
+@click.option("--save-budget-mb", type=click.FloatRange(min=1), default=500.0, show_default=True,
+              help="Disk budget of --save-failures: the oldest overlays are deleted to stay under it.")
+@click.option("--display", is_flag=True, help="Show the latest verdict in a window (needs OpenCV with a GUI).")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Accept this many frames, judge them, then exit.")
+@click.option("--stats-every", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Print counters and p50/p99 latency per stage every S seconds (0 = only at exit).")
+@click.option("--stats-json", type=click.Path(dir_okay=False), default=None,
+              help="Write the final counters and latencies here as JSON at exit.")
+@click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between heartbeats on the verdict endpoint.")
+@click.option("--trigger-timeout", "trigger_timeout_s", type=click.FloatRange(min=0.01), default=5.0,
+              show_default=True, help="A trigger with no frame from its camera within S seconds is answered ERROR.")
+@click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Encrypt and authenticate every endpoint with CurveZMQ: DIR holds server.key_secret and "
+                   "authorized/*.key (make them with `memseg-edge keys DIR`).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads (default: all cores).")
+def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, threshold, max_batch, max_wait_ms,
+            queue_frames, save_failures, save_budget_mb, display, max_frames, stats_every, stats_json, heartbeat_s,
+            trigger_timeout_s, curve_keys, threads):
+    """Judge frames from camera stations and local sources; publish a verdict per frame.
+
+    \b
+    Examples:
+      # camera stations on this machine push to port 5555; PLC gateways read verdicts on 5556
+      memseg-edge run --model bundles/bottle --zmq 5555 --results 5556
+      # stations on the plant network, encrypted; overlays of rejects kept within 2 GB
+      memseg-edge run --model bottle.int8.engine --zmq tcp://*:5555 --results tcp://*:5556 \\
+          --curve-keys keys/ --save-failures rejects/ --save-budget-mb 2000
+      # judge an image folder once, print stats, exit
+      memseg-edge run --model bundles/bottle --images test_images/ --results ipc:///tmp/verdicts
+
+    Verdicts (JSON): v, type, seq (gap-free, all cameras), camera, frame_id, verdict PASS|FAIL|ERROR,
+    score, threshold, latency_ms, model, error. Bad input never stops the runtime: it is counted, logged
+    once per kind, and answered with ERROR when it named a frame_id. SIGINT/SIGTERM: stop taking frames,
+    judge and publish what is in flight, exit.
+    """
+    from .runtime import ConfigError, Runtime, RuntimeConfig, load_model
+    from .transport import all_interfaces
+
+    zmq_urls = [_endpoint(e, bind=True, option="--zmq") for e in zmq_endpoints]
+    results_url = _endpoint(results, bind=True, option="--results")
+    reply_url = _endpoint(reply, bind=True, option="--reply") if reply else None
+    for url in zmq_urls + [results_url] + ([reply_url] if reply_url else []):
+        if all_interfaces(url) and not curve_keys:
+            _log(f"warning: {url} listens on every network interface without --curve-keys: anyone on the network "
+                 "can send frames and read verdicts")
+    display_window = None
+    if display:
+        from .overlay import Display
+
+        try:
+            display_window = Display()
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+    config = RuntimeConfig(results=results_url, zmq=zmq_urls, reply=reply_url, cameras=list(cameras),
+                           videos=list(videos), images=list(images), threshold=threshold, max_batch=max_batch,
+                           max_wait_ms=max_wait_ms, queue_frames=queue_frames, save_failures=save_failures,
+                           save_budget_mb=save_budget_mb, display=display, max_frames=max_frames,
+                           stats_every=stats_every, heartbeat_s=heartbeat_s, trigger_timeout_s=trigger_timeout_s,
+                           curve_keys=curve_keys)
+    try:
+        loaded = load_model(model, threads=threads, log=_log)
+        runtime = Runtime(config, loaded, log=_log)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _log(f"model {loaded.describe()}; threshold {runtime.threshold:.6g}"
+         f"{' (from --threshold)' if threshold is not None else ''}; batch up to {runtime.max_batch}, "
+         f"wait up to {max_wait_ms:g} ms; queue {queue_frames} frames")
+    try:
+        runtime.start()
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    ep = runtime.endpoints
+    local = [f"camera {c}" for c in cameras] + [f"video {v}" for v in videos] + [f"images {i}" for i in images]
+    _log("ready: frames on " + (", ".join(ep["frames"] + local) or "-") + f"; verdicts on {ep['results']}"
+         + (f"; requests on {ep['reply']}" if ep["reply"] else "") + ("; CurveZMQ on" if curve_keys else ""))
+
+    with _Signals(runtime.request_stop, "stopping: judging the frames in flight"):
+        snapshot = runtime.run(on_tick=_display_tick(display_window, runtime) if display_window else None)
+    if display_window is not None:
+        display_window.close()
+    if stats_json:
+        Path(stats_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(stats_json).write_text(json.dumps(snapshot, indent=2))
+
+
+def _display_tick(window, runtime):
+    """The display's step, run by the main thread (HighGUI must be driven from one thread); False = quit."""
+    from .overlay import make_overlay
+
+    shown = [None]
+
+    def tick() -> bool:
+        latest = runtime.latest()
+        if latest is None or latest is shown[0]:
+            return window.poll()
+        shown[0] = latest
+        rgb, amap, verdict, score, camera, frame_id = latest
+        return window.show(make_overlay(rgb, amap, verdict, score, runtime.threshold,
+                                        caption=f"{camera} frame {frame_id}"))
+
+    return tick
+
+
+# ------------------------------------------------------------------------------------------------
+# camera
+# ------------------------------------------------------------------------------------------------
+
+@click.command("camera", context_settings={"max_content_width": 110})
+@_source_options
+@click.option("--publish", required=True, metavar="ENDPOINT",
+              help="The runtime's frame endpoint to connect to (PUSH). " + ENDPOINT_HELP)
+@click.option("--fps", type=click.FloatRange(min=0), default=None,
+              help="Frames per second (default: the camera's own rate; 10 for videos and image folders; "
+                   "0 = as fast as possible, and the runtime drops what it cannot judge).")
+@click.option("--encoding", type=click.Choice(["jpeg", "png", "bgr8", "rgb8", "mono8"]), default="jpeg",
+              show_default=True, help="jpeg is small; png and the raw ones are lossless.")
+@click.option("--name", default=None, help="Camera name in frames and verdict topics (default: from the source).")
+@click.option("--loop", is_flag=True, help="Start a video or image folder again at its end.")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
+@click.option("--linger", "linger_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="At exit, keep trying this many seconds to deliver frames still queued.")
+@click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
+              help="CurveZMQ: DIR holds the runtime's server.key and this station's NAME.key_secret.")
+@click.option("--curve-client", default=None, help="Which NAME.key_secret in --curve-keys (when there are several).")
+def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, count, linger_s, curve_keys, curve_client):
+    """A camera station: capture frames and push them to a runtime (`memseg-edge run --zmq ...`).
+
+    \b
+    Examples:
+      memseg-edge camera --camera 0 --publish line3-edge:5555 --name line3-top
+      memseg-edge camera --images test_images/ --publish 5555 --encoding png --fps 5
+      memseg-edge camera --video shift.mp4 --publish ipc:///tmp/frames --loop
+
+    Frames are [header, payload] (DESIGN.md "Frames in"); frame_id counts from 0. Frames queue until
+    the runtime is reachable, and ZeroMQ reconnects by itself when the runtime restarts.
+    """
+    from .sources import open_capture, publish_frames
+
+    given = [("camera", c) for c in cameras] + [("video", v) for v in videos] + [("images", i) for i in images]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one source: --camera IDX, --video FILE or --images DIR "
+                               "(run one station per camera)")
+    if name is not None:
+        from .frames import valid_camera_name
+
+        if not valid_camera_name(name):
+            raise click.BadParameter("1-64 characters of letters, digits, '_', '.', ':', '-'", param_hint="--name")
+    url = _endpoint(publish, bind=False, option="--publish")
+    keys = _client_keys(curve_keys, curve_client)
+    kind, spec = given[0]
+    try:
+        capture = open_capture(kind, spec, name=name, loop=loop, problem=lambda k, m: _log(f"warning: {m}"))
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    stop = threading.Event()
+    _log(f"camera {capture.name}: {kind} {spec} -> {url} ({encoding})")
+    with _Signals(stop.set, "stopping after the current frame"):
+        result = publish_frames(capture, url, encoding=encoding, fps=fps, count=count, curve=keys, linger_s=linger_s,
+                                stop=stop, log=_log)
+    _log(f"sent {result['sent']} frames in {result['seconds']:.1f} s"
+         + (f", skipped {result['skipped']} (runtime unreachable or behind)" if result["skipped"] else "")
+         + (f", {result['unreadable']} unreadable images" if result["unreadable"] else ""))
+
+
+# ------------------------------------------------------------------------------------------------
+# plc-listen
+# ------------------------------------------------------------------------------------------------
+
+@click.command("plc-listen", context_settings={"max_content_width": 110})
+@click.argument("endpoint")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Exit after this many verdicts.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Exit after S seconds (exit code 2 if --count verdicts had not arrived by then).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: verdict bodies and events.")
+@click.option("--camera", "cameras", multiple=True, help="Only this camera's verdicts (repeatable; turns gap checks off).")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
+              help="Seconds without a heartbeat that count as heartbeat loss.")
+@click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
+              help="CurveZMQ: DIR holds the runtime's server.key and this gateway's NAME.key_secret.")
+@click.option("--curve-client", default=None, help="Which NAME.key_secret in --curve-keys (when there are several).")
+def plc_listen_cmd(endpoint, count, timeout, as_json, cameras, heartbeat_timeout, curve_keys, curve_client):
+    """Subscribe to a runtime's verdicts (ENDPOINT: its --results), print them, and check the stream the way
+    a PLC gateway must: sequence gaps, heartbeat loss, runtime restarts.
+
+    \b
+    Examples:
+      memseg-edge plc-listen 5556
+      memseg-edge plc-listen line3-edge:5556 --json --count 100 --timeout 60
+
+    Exit code: 0 no gap and no heartbeat loss; 1 a gap or a heartbeat loss was seen (a line controller
+    must reject the parts concerned); 2 --timeout passed before --count verdicts arrived.
+    """
+    from .plc import VerdictListener, format_verdict
+
+    url = _endpoint(endpoint, bind=False, option="ENDPOINT")
+    keys = _client_keys(curve_keys, curve_client)
+    stop = threading.Event()
+
+    def on_verdict(body: dict) -> None:
+        click.echo(json.dumps(body) if as_json else format_verdict(body))
+
+    def on_event(kind: str, message: str, info: dict) -> None:
+        if as_json:
+            click.echo(json.dumps({"type": "event", "event": kind, "message": message, **info}))
+        else:
+            _log(message)
+
+    if not as_json:
+        _log(f"listening to {url}" + (f" (cameras {', '.join(cameras)})" if cameras else ""))
+    with VerdictListener(url, cameras=tuple(cameras), heartbeat_timeout=heartbeat_timeout, curve=keys) as listener, \
+            _Signals(stop.set, "stopping"):
+        report = listener.listen(count=count, timeout=timeout, stop=stop, on_verdict=on_verdict, on_event=on_event)
+    if as_json:
+        click.echo(json.dumps({"type": "summary", "verdicts": report.verdicts, "by_verdict": dict(report.by_verdict),
+                               "gaps": report.gaps, "missing": report.missing, "heartbeats": report.heartbeats,
+                               "heartbeat_losses": report.heartbeat_losses, "restarts": report.restarts,
+                               "timed_out": report.timed_out}))
+    else:
+        _log(report.summary())
+    if not report.ok:
+        sys.exit(1)
+    if report.timed_out and count is not None and report.verdicts < count:
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------------
+# keys, demo
+# ------------------------------------------------------------------------------------------------
+
+@click.command("keys", context_settings={"max_content_width": 110})
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--client", "clients", multiple=True,
+              help="A client (camera station or PLC gateway) to make a key pair for (repeatable; default 'station').")
+def keys_cmd(folder, clients):
+    """Make CurveZMQ keys for `run --curve-keys`, `camera --curve-keys` and `plc-listen --curve-keys`.
+
+    \b
+    Writes, in FOLDER:
+      server.key, server.key_secret   the runtime's pair
+      NAME.key, NAME.key_secret       one pair per client (--client NAME)
+      authorized/NAME.key             the clients the runtime accepts
+    Existing keys are kept. The runtime's machine keeps server.key_secret and authorized/ (it never
+    leaves that machine); give each client server.key and its own NAME.key_secret, nothing else.
+    Revoke a client by deleting authorized/NAME.key and restarting the runtime.
+    """
+    from .transport import make_keys
+
+    try:
+        written = make_keys(folder, tuple(clients) or ("station",))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--client") from None
+    for path in written:
+        click.echo(f"wrote {path}")
+    if not written:
+        click.echo(f"all keys already exist in {folder}")
+
+
+@click.command("demo", context_settings={"max_content_width": 110})
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for everything the demo writes (default: ./memseg-demo-YYYYmmdd-HHMMSS).")
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A local ImageNet MobileNetV2 state_dict; without it the encoder is random (no download).")
+@click.option("--iterations", type=click.IntRange(min=1), default=150, show_default=True,
+              help="Training iterations.")
+def demo_cmd(out_dir, backbone_weights, iterations):
+    """The whole line on this machine, no data, GPU or network needed: a synthetic product, a small model
+    trained on it, and the runtime judging test frames sent by a camera station over ZeroMQ to a
+    listening PLC gateway. About a minute on a laptop CPU."""
+    from .demo import run_demo
+
+    out = Path(out_dir) if out_dir else Path.cwd() / time.strftime("memseg-demo-%Y%m%d-%H%M%S")
+    try:
+        run_demo(out, backbone_weights=backbone_weights, iterations=iterations, log=click.echo)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def register(group: click.Group) -> None:
+    """Add the runtime commands to ``group``."""
+    for command in (run_cmd, camera_cmd, plc_listen_cmd, keys_cmd, demo_cmd):
+        group.add_command(command)
