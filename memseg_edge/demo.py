@@ -118,7 +118,7 @@ def run_demo(out: str | Path, *, backbone_weights: str | None = None, iterations
         truth[i] = path.parent.name
     model = load_model(bundle, log=log)
     config = RuntimeConfig(results="tcp://127.0.0.1:*", zmq=["tcp://127.0.0.1:*"], max_batch=4, max_wait_ms=5,
-                           save_failures=str(out / "failures"), stats_every=0, heartbeat_s=0.5)
+                           save_failures=str(out / "overlays"), save_passes=True, stats_every=0, heartbeat_s=0.5)
     runtime = Runtime(config, model, log=lambda m: None)
     runtime.start()
     verdicts: list[dict] = []
@@ -143,11 +143,11 @@ def run_demo(out: str | Path, *, backbone_weights: str | None = None, iterations
             camera.join(10)
     finally:
         runtime.stop()
-    overlays = sorted((out / "failures").rglob("*.jpg"))
+    overlays = sorted((out / "overlays").rglob("*.jpg"))
     judged = [v for v in verdicts if v["verdict"] in ("PASS", "FAIL")]
     right = sum((v["verdict"] == "FAIL") == (truth.get(v["frame_id"]) != "good") for v in judged)
     log(f"done in {time.monotonic() - t0:.0f} s: {len(verdicts)} verdicts, {right}/{len(judged)} match the ground "
         f"truth{' (random encoder: not a measure of accuracy)' if weights == 'none' else ''}; listener: "
-        f"{report.summary()}; {len(overlays)} overlays in {out / 'failures'}")
+        f"{report.summary()}; {len(overlays)} overlays (every frame; PASS ones end in _pass.jpg) in {out / 'overlays'}")
     return {"verdicts": verdicts, "bundle": bundle, "overlays": overlays, "seconds": time.monotonic() - t0,
             "listener": report}

@@ -77,10 +77,10 @@ class FailureSaver:
         self._thread.start()
 
     def offer(self, rgb: np.ndarray, amap: np.ndarray | None, camera: str, frame_id, score: float,
-              threshold: float) -> None:
+              threshold: float, verdict: str = "FAIL") -> None:
         """Queue one overlay; skipped (and counted) when the writer is behind."""
         try:
-            self._queue.put_nowait((rgb, amap, camera, frame_id, score, threshold))
+            self._queue.put_nowait((rgb, amap, camera, frame_id, score, threshold, verdict))
         except queue.Full:
             self._event("overlays skipped (disk too slow)")
 
@@ -93,9 +93,9 @@ class FailureSaver:
             item = self._queue.get()
             if item is None:
                 return
-            rgb, amap, camera, frame_id, score, threshold = item
+            rgb, amap, camera, frame_id, score, threshold, verdict = item
             try:
-                self._write(rgb, amap, camera, frame_id, score, threshold)
+                self._write(rgb, amap, camera, frame_id, score, threshold, verdict)
             except Exception as exc:  # a full or read-only disk must not stop the runtime
                 self._event("overlay write errors")
                 if not self._warned:
@@ -103,8 +103,8 @@ class FailureSaver:
                     self._log(f"warning: overlay not written ({type(exc).__name__}: {exc}); further write errors "
                               "are counted, not logged")
 
-    def _write(self, rgb, amap, camera, frame_id, score, threshold) -> None:
-        image = make_overlay(rgb, amap, "FAIL", score, threshold, caption=f"{camera} frame {frame_id}")
+    def _write(self, rgb, amap, camera, frame_id, score, threshold, verdict) -> None:
+        image = make_overlay(rgb, amap, verdict, score, threshold, caption=f"{camera} frame {frame_id}")
         ok, data = cv2.imencode(OVERLAY_SUFFIX, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise ValueError("OpenCV could not encode the overlay")
@@ -121,7 +121,8 @@ class FailureSaver:
             self._used -= old_size
             self._event("overlays deleted (budget)")
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = self.folder / _slug(camera) / f"{stamp}_{_slug(frame_id)}_{score:.4f}{OVERLAY_SUFFIX}"
+        tag = "" if verdict == "FAIL" else f"_{verdict.lower()}"
+        path = self.folder / _slug(camera) / f"{stamp}_{_slug(frame_id)}_{score:.4f}{tag}{OVERLAY_SUFFIX}"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("." + path.name + ".tmp")
         tmp.write_bytes(data.tobytes())

@@ -120,6 +120,7 @@ class RuntimeConfig:
     queue_mb: float = 256.0
     max_message_mb: float = 64.0
     save_failures: str | None = None
+    save_passes: bool = False            # with save_failures: PASS overlays too (to review what the line passes)
     save_budget_mb: float = 500.0
     display: bool = False
     max_frames: int | None = None
@@ -812,8 +813,9 @@ class Runtime:
             for t in [t for t in triggers if t.camera == job.camera and job.ticket >= t.after_ticket]:
                 triggers.remove(t)
                 self._reply(t.envelope, data)
-        if verdict == vd.FAIL and self._saver is not None and job.rgb is not None:
-            self._saver.offer(job.rgb, job.amap, job.camera, job.frame_id, job.score, self.threshold)
+        if self._saver is not None and job.rgb is not None and (
+                verdict == vd.FAIL or (verdict == vd.PASS and self.config.save_passes)):
+            self._saver.offer(job.rgb, job.amap, job.camera, job.frame_id, job.score, self.threshold, verdict)
         if self.config.display and job.rgb is not None:
             self._latest = (job.rgb, job.amap, verdict, score, job.camera, job.frame_id)
         job.rgb = job.amap = None

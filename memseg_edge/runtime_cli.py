@@ -109,6 +109,9 @@ def _source_options(f):
               help="Frames waiting to be judged before the oldest is dropped (ERROR 'dropped: runtime overloaded').")
 @click.option("--save-failures", type=click.Path(file_okay=False), default=None,
               help="Write an overlay (anomaly map over the frame) of every FAIL verdict here, DIR/<camera>/...jpg.")
+@click.option("--save-passes", is_flag=True,
+              help="With --save-failures: keep overlays of PASS frames too (named ..._pass.jpg), e.g. to review "
+                   "what the line lets through while commissioning.")
 @click.option("--save-budget-mb", type=click.FloatRange(min=1), default=500.0, show_default=True,
               help="Disk budget of --save-failures: the oldest overlays are deleted to stay under it.")
 @click.option("--display", is_flag=True, help="Show the latest verdict in a window (needs OpenCV with a GUI).")
@@ -128,7 +131,7 @@ def _source_options(f):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: all cores).")
 def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, threshold, max_batch, max_wait_ms,
-            queue_frames, save_failures, save_budget_mb, display, max_frames, stats_every, stats_json, heartbeat_s,
+            queue_frames, save_failures, save_passes, save_budget_mb, display, max_frames, stats_every, stats_json, heartbeat_s,
             trigger_timeout_s, curve_keys, threads):
     """Judge frames from camera stations and local sources; publish a verdict per frame.
 
@@ -168,7 +171,7 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
     config = RuntimeConfig(results=results_url, zmq=zmq_urls, reply=reply_url, cameras=list(cameras),
                            videos=list(videos), images=list(images), threshold=threshold, max_batch=max_batch,
                            max_wait_ms=max_wait_ms, queue_frames=queue_frames, save_failures=save_failures,
-                           save_budget_mb=save_budget_mb, display=display, max_frames=max_frames,
+                           save_passes=save_passes, save_budget_mb=save_budget_mb, display=display, max_frames=max_frames,
                            stats_every=stats_every, heartbeat_s=heartbeat_s, trigger_timeout_s=trigger_timeout_s,
                            curve_keys=curve_keys)
     try:

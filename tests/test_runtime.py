@@ -594,6 +594,19 @@ def test_save_failures_keeps_the_newest_overlays_within_the_budget(model, tmp_pa
     assert img is not None and img.shape[:2] == load_rgb(originals[-1]).shape[:2]
 
 
+@pytest.mark.parametrize("save_passes", [False, True])
+def test_pass_overlays_are_kept_only_when_asked(model, tmp_path, save_passes):
+    out = tmp_path / "overlays"
+    images_dir, originals = bottle_subset(tmp_path / "images", per_defect=1, good=1)
+    cfg = runtime_config(tmp_path, zmq=[], images=[str(images_dir)], threshold=2.0, save_failures=str(out),
+                         save_passes=save_passes)
+    stats = Runtime(cfg, model, log=lambda m: None).run()
+    saved = sorted(out.rglob("*.jpg"))
+    assert stats["pass"] == len(originals)       # threshold 2 (scores are probabilities): everything passes
+    assert len(saved) == (len(originals) if save_passes else 0)
+    assert all(p.name.endswith("_pass.jpg") for p in saved)
+
+
 def test_sigterm_judges_the_frames_in_flight_then_exits(bundle, tmp_path):
     frames_url, results_url = f"ipc://{tmp_path}/frames", f"ipc://{tmp_path}/results"
     run = CliProcess(["run", "--model", str(bundle), "--zmq", frames_url, "--results", results_url,
@@ -696,4 +709,6 @@ def test_demo_runs_the_whole_line_on_a_fresh_machine(tmp_path):
     assert [v["frame_id"] for v in result["verdicts"]] == list(range(12))
     assert (result["bundle"] / "model.json").is_file()
     assert any("plumbing demo" in line for line in lines)
-    assert all(p.is_relative_to(tmp_path / "demo") for p in result["overlays"])
+    # every frame gets an overlay (PASS ones too), so a first user always has maps to look at
+    assert len(result["overlays"]) == 12
+    assert all(p.is_relative_to(tmp_path / "demo" / "overlays") for p in result["overlays"])
