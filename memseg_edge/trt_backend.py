@@ -84,7 +84,7 @@ def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> Engi
 def _needs_plugin(meta: dict) -> bool:
     from .plugin import QUALIFIED_NAME
 
-    return bool(meta.get("plugin")) or QUALIFIED_NAME in (meta.get("plugins") or [])
+    return QUALIFIED_NAME in (meta.get("plugins") or [])   # build_engine records what it registered
 
 
 def _dims(dims: Any) -> list[int]:

@@ -100,12 +100,12 @@ def test_engine_sidecar_mismatches_are_refused_before_tensorrt_loads(bundle, tmp
     with pytest.raises(EngineCheckError, match="changed or copied incompletely"):
         trt_backend.TensorRTBackend(engine)
     assert created == []
-    # without its bundle the sidecar's own fields describe the model; the plugin flag is honoured
+    # without its bundle the sidecar's own fields describe the model; the plugin list is honoured
     info = trt_backend.engine_model_info(engine, {**json.loads((tmp_path / (engine.name + ".json")).read_text()),
                                                   "bundle": str(tmp_path / "gone")})
     assert info.image_size == 96 and info.max_batch == 4
-    assert trt_backend._needs_plugin({"plugin": True}) and trt_backend._needs_plugin(
-        {"plugins": ["memseg::MemoryArgminL2"]}) and not trt_backend._needs_plugin({"plugins": []})
+    assert trt_backend._needs_plugin({"plugins": ["memseg::MemoryArgminL2"]})
+    assert not trt_backend._needs_plugin({"plugins": []}) and not trt_backend._needs_plugin({})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_backend_data_path_with_stand_ins(bundle, tmp_path, monkeypatch):
     events: list = []
     cudart = _FakeCudart()
     fake = _fake_tensorrt(96, 4, events)
-    engine = _fake_engine(tmp_path, bundle, plugin=True)
+    engine = _fake_engine(tmp_path, bundle, plugins=["memseg::MemoryArgminL2"])
     monkeypatch.setattr(trt_backend, "check_engine_here", lambda path, flavour: events.append(("check", flavour)))
     monkeypatch.setattr(trt_backend, "import_flavour",
                         lambda name, log=None: types.SimpleNamespace(name=name, trt=fake, version="fake"))
