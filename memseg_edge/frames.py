@@ -29,6 +29,7 @@ FRAME_VERSION = 1
 RAW_CHANNELS = {"bgr8": 3, "rgb8": 3, "mono8": 1}
 ENCODINGS = ("bgr8", "rgb8", "mono8", "jpeg", "png")
 MAX_SIDE = 16384
+MAX_PIXELS = 64_000_000    # a PNG/JPEG of a few kB may declare a huge size: refuse before decoding (8K is 33 MP)
 MAX_CAMERA_LEN = 64
 MAX_FRAME_ID_LEN = 128
 CAMERA_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
@@ -121,6 +122,9 @@ def parse_header(raw: bytes) -> FrameHeader:
     if width is None or height is None or not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise bad(WRONG_SIZE, f"width and height must be integers in 1..{MAX_SIDE}, found "
                               f"{obj.get('width')!r} x {obj.get('height')!r}")
+    if width * height > MAX_PIXELS:
+        raise bad(WRONG_SIZE, f"{width}x{height} is more than {MAX_PIXELS // 1_000_000} megapixels: send frames "
+                              "at most the camera's resolution (the model sees them resized anyway)")
     encoding = obj.get("encoding")
     if encoding not in ENCODINGS:
         raise bad(UNKNOWN_ENCODING, f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")

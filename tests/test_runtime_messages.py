@@ -65,6 +65,7 @@ BAD = [  # (message parts, kind, frame_id the ERROR verdict must carry or None)
     ([_header(ts="now"), b"x" * 24], fr.BAD_HEADER, 5),
     ([_header(width=-4), b"x" * 24], fr.WRONG_SIZE, 5),
     ([_header(height=10 ** 9), b"x" * 24], fr.WRONG_SIZE, 5),
+    ([_header(width=16384, height=16384), b"x" * 24], fr.WRONG_SIZE, 5),   # a decompression bomb's header
     ([_header(width="4"), b"x" * 24], fr.WRONG_SIZE, 5),
     ([_header(encoding="yuv422"), b"x" * 24], fr.UNKNOWN_ENCODING, 5),
     ([_header(), b"x" * 23], fr.WRONG_SIZE, 5),
