@@ -33,6 +33,15 @@ def _endpoint(value: str, *, bind: bool, option: str) -> str:
         raise click.BadParameter(str(exc), param_hint=option) from None
 
 
+def _curve_client_options(f):
+    """--curve-keys / --curve-client of a client of the runtime (camera station, PLC gateway)."""
+    f = click.option("--curve-client", default=None,
+                     help="Which NAME.key_secret in --curve-keys (when there are several).")(f)
+    return click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
+                        help="CurveZMQ: DIR holds the runtime's server.key and this client's NAME.key_secret "
+                             "(made by `memseg-edge keys DIR --client NAME`).")(f)
+
+
 def _client_keys(curve_keys: str | None, curve_client: str | None):
     if not curve_keys:
         return None
@@ -236,9 +245,7 @@ def _display_tick(window, runtime):
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after this many frames.")
 @click.option("--linger", "linger_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="At exit, keep trying this many seconds to deliver frames still queued.")
-@click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
-              help="CurveZMQ: DIR holds the runtime's server.key and this station's NAME.key_secret.")
-@click.option("--curve-client", default=None, help="Which NAME.key_secret in --curve-keys (when there are several).")
+@_curve_client_options
 def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, count, linger_s, curve_keys, curve_client):
     """A camera station: capture frames and push them to a runtime (`memseg-edge run --zmq ...`).
 
@@ -292,9 +299,7 @@ def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, coun
 @click.option("--camera", "cameras", multiple=True, help="Only this camera's verdicts (repeatable; turns gap checks off).")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
               help="Seconds without a heartbeat that count as heartbeat loss.")
-@click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
-              help="CurveZMQ: DIR holds the runtime's server.key and this gateway's NAME.key_secret.")
-@click.option("--curve-client", default=None, help="Which NAME.key_secret in --curve-keys (when there are several).")
+@_curve_client_options
 def plc_listen_cmd(endpoint, count, timeout, as_json, cameras, heartbeat_timeout, curve_keys, curve_client):
     """Subscribe to a runtime's verdicts (ENDPOINT: its --results), print them, and check the stream the way
     a PLC gateway must: sequence gaps, heartbeat loss, runtime restarts.

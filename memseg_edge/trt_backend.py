@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +43,7 @@ class EngineModelInfo:
     flavour: str
     engine_sha256: str
     source: str
+    bundle_meta: dict = field(default_factory=dict, compare=False)   # model.json, {} when the bundle is gone
 
 
 def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> EngineModelInfo:
@@ -53,6 +54,7 @@ def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> Engi
     meta = meta if meta is not None else load_engine_meta(engine)
     image_size, threshold, top_k = meta.get("image_size"), meta.get("threshold"), meta.get("top_k")
     source = f"{engine.name}.json"
+    bmeta: dict = {}
     bundle_dir = meta.get("bundle")
     model_json = Path(bundle_dir) / "model.json" if bundle_dir else None
     if model_json is not None and model_json.is_file():
@@ -78,7 +80,8 @@ def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> Engi
                                "with `memseg-edge build-engine`")
     return EngineModelInfo(int(image_size), None if threshold is None else float(threshold),
                            None if top_k is None else int(top_k), int(meta.get("max_batch") or 1),
-                           str(meta.get("flavour")), str(meta.get("engine_sha256") or sha256_file(engine)), source)
+                           str(meta.get("flavour")), str(meta.get("engine_sha256") or sha256_file(engine)), source,
+                           bmeta)
 
 
 def _needs_plugin(meta: dict) -> bool:

@@ -38,9 +38,8 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
 
         backend = TensorRTBackend(path, log=lambda *a: None)   # checks the sidecar against this GPU first
         info = backend.info
-        bundle_meta = backend_bundle_meta(path)
-        meta = {"image_size": info.image_size, "top_k": info.top_k, "threshold": bundle_meta.get("threshold"),
-                "backbone_weights": bundle_meta.get("backbone_weights"),
+        meta = {"image_size": info.image_size, "top_k": info.top_k, "threshold": info.bundle_meta.get("threshold"),
+                "backbone_weights": info.bundle_meta.get("backbone_weights"),
                 "kind": f"engine ({path.name}, {backend.name})"}
         return (lambda images: backend.infer(images)[0][:, 0]), meta
     if path.suffix == ".pt" or (path.is_dir() and (path / "checkpoint.pt").is_file()):
@@ -53,17 +52,6 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
         return (lambda images: predict_maps(model, images, device)), meta
     raise ValueError(f"{path}: expected a checkpoint (.pt), a run folder holding checkpoint.pt, a bundle folder "
                      "(model.json + model.onnx), a bundle's .onnx file or a TensorRT .engine (with its sidecar)")
-
-
-def backend_bundle_meta(engine_path: Path) -> dict:
-    """The ``model.json`` of the bundle an engine was built from (``{}`` when it is no longer there)."""
-    import json
-
-    from memseg_edge.engine import load_engine_meta
-
-    bundle = load_engine_meta(engine_path).get("bundle")
-    path = Path(bundle) / "model.json" if bundle else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
 
 def evaluate(model_path: str | Path, data: DataConfig, *, json_path: str | Path | None = None,
