@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Compare training runs on the defect probe (train/probe.py): held-out good images of each run, with
+compact blob defects of a family the trainer never synthesises. Test images are never read.
+
+    python tools/probe_validation.py runs/a runs/b --data ../shared/data/mvtec_ad --category bottle \
+        --textures ../shared/data/dtd/images --sigmas 0,4 --json probe.json --preview probe.png
+
+For every run and every map-smoothing sigma (applied after the model; 0 = as trained) it prints image
+AUROC, pixel AUROC and AUPRO overall and per probe kind. Runs must share the held-out split (same seed,
+memory size and hold-out fraction); the tool refuses otherwise, since their probes would differ.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import cv2
+import numpy as np
+
+from memseg_edge.train.checkpoint import load_model
+from memseg_edge.train.config import DataConfig, MemSegConfig
+from memseg_edge.train.datasets import discover, load_images, split_good
+from memseg_edge.train.probe import PROBE_KINDS, make_probe_set, run_probe
+from memseg_edge.train.synthesis import list_textures
+from memseg_edge.train.trainer import predict_maps
+
+
+def _preview(probe, path: Path, n: int = 8) -> None:
+    """A strip of probe samples (one per kind, cycling) with their masks outlined in red."""
+    tiles = []
+    bad = [i for i, k in enumerate(probe.kinds) if k != "good"]
+    step = max(1, len(bad) // n)
+    for i in bad[::step][:n]:
+        tile = cv2.cvtColor(probe.images[i], cv2.COLOR_RGB2BGR).copy()
+        contours, _ = cv2.findContours(probe.masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(tile, contours, -1, (0, 0, 255), 1)
+        cv2.putText(tile, probe.kinds[i], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1)
+        tiles.append(tile)
+    cv2.imwrite(str(path), cv2.hconcat(tiles))
+
+
+@click.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--category", required=True)
+@click.option("--textures", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Texture folder for the 'texture' probe kind (without it, that kind is left out).")
+@click.option("--sigmas", default="0,4", show_default=True, help="Map smoothing sigmas to compare, comma-separated.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the probe defects (not of the split).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--preview", type=click.Path(path_type=Path), default=None, help="PNG strip of probe samples.")
+def main(runs, data, category, textures, sigmas, seed, json_path, preview):
+    sig = [float(s) for s in sigmas.split(",") if s.strip()]
+    kinds = PROBE_KINDS if textures else tuple(k for k in PROBE_KINDS if k != "texture")
+    tex = list_textures(textures) if textures else []
+    results, split_key, probe = {}, None, None
+    for run in runs:
+        ckpt_path = run / "checkpoint.pt" if run.is_dir() else run
+        model, ckpt = load_model(ckpt_path)
+        cfg = MemSegConfig.from_dict(ckpt["config"])
+        ds = discover(DataConfig(root=str(data), category=category, image_size=ckpt["image_size"]))
+        split = split_good(ds.train_good, cfg.model.memory_samples if cfg.model.use_memory else 0,
+                           cfg.data.holdout_fraction, cfg.train.seed)
+        key = (tuple(p.name for p in split.holdout), ckpt["image_size"])
+        if split_key is None:
+            split_key = key
+            probe = make_probe_set(load_images(split.holdout, ckpt["image_size"]), cfg.synthesis.foreground,
+                                   tex, kinds, seed)
+            print(f"probe: {len(split.holdout)} held-out good images + {len(probe.kinds) - len(split.holdout)} "
+                  f"probe defects ({', '.join(kinds)}); test images are not read", flush=True)
+            if preview:
+                _preview(probe, preview)
+        elif key != split_key:
+            raise click.ClickException(f"{run}: its held-out images differ from {runs[0]}'s; compare runs that "
+                                       "share seed, memory size and hold-out fraction")
+        res = run_probe(lambda x: predict_maps(model, x, "cpu"), probe, int(ckpt["top_k"]), sig)
+        results[str(run)] = res
+        for name, r in res.items():
+            per = "  ".join(f"{k.removeprefix('probe-')} {v['pixel_auroc']:.4f}/{v['aupro']:.4f}"
+                            for k, v in r["per_defect"].items())
+            print(f"{run}  {name}: image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
+                  f"AUPRO {r['aupro']:.4f}   per kind (pixel/AUPRO): {per}", flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The defect probe: a second validation set that never touches test images, for choosing between recipes.
+
+The trainer's own validation (``validate_on_synthetic``) uses the training synthesiser on held-out good
+images; a model that has learnt that synthesiser scores about 1.0 there, so it cannot tell two recipes
+apart. The probe puts anomalies of a *different family* on the same held-out good images: one to three
+compact, irregular blobs (not Perlin islands), filled in one of four ways a plant sees on real parts:
+
+- ``stain``:   an opaque-ish foreign colour (paint, oil, dirt), with a little grain;
+- ``shade``:   the part itself, much darker or brighter (a dent catching the light, a burn);
+- ``smudge``:  the part blurred and tinted (a wipe, a film of grease);
+- ``texture``: a foreign surface (a DTD texture) blended in.
+
+Opacities and contrasts are deliberately low (subtle defects): with strong ones every trained run
+scores about 1.0 and the probe cannot rank recipes. The choice of family was made from what surface defects look like in general, not from any test image.
+Held-out images are the ones the trainer held out (same seed, same split), so a probe never sees a
+training or memory image. numpy and OpenCV only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from memseg_edge.scoring import image_scores
+
+from . import metrics
+from .config import ForegroundConfig
+from .synthesis import foreground_mask, texture_source
+
+PROBE_KINDS: tuple[str, ...] = ("stain", "shade", "smudge", "texture")
+
+
+def blob_mask(foreground: np.ndarray, rng: np.random.Generator, radius: tuple[float, float] = (6.0, 26.0),
+              max_blobs: int = 3, min_pixels: int = 40) -> np.ndarray:
+    """One to ``max_blobs`` irregular blobs inside ``foreground`` (bool ``[H, W]``) -> bool ``[H, W]``.
+
+    A blob is a disc whose radius wobbles with the angle, ``r(t) = r0 (1 + sum_k a_k cos(k t + p_k))`` for
+    k = 2..4, ``a_k ~ U[0, 0.18]``, ``r0 ~ U[radius]`` (pixels), centred on a random foreground pixel.
+    Never fewer than ``min_pixels`` pixels (redrawn; with a tiny foreground, the foreground itself)."""
+    fg = np.asarray(foreground, bool)
+    h, w = fg.shape
+    ys, xs = np.nonzero(fg)
+    if len(ys) < min_pixels:
+        return fg.copy() if fg.any() else np.ones((h, w), bool)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for _ in range(20):
+        mask = np.zeros((h, w), bool)
+        for _ in range(int(rng.integers(1, max_blobs + 1))):
+            i = int(rng.integers(0, len(ys)))
+            cy, cx = float(ys[i]), float(xs[i])
+            r0 = float(rng.uniform(*radius))
+            theta = np.arctan2(yy - cy, xx - cx)
+            r = np.full_like(theta, r0)
+            for k in (2, 3, 4):
+                r += r0 * float(rng.uniform(0.0, 0.18)) * np.cos(k * theta + float(rng.uniform(0, 2 * np.pi)))
+            mask |= np.hypot(yy - cy, xx - cx) <= r
+        mask &= fg
+        if mask.sum() >= min_pixels:
+            return mask
+    return mask if mask.any() else fg.copy()
+
+
+def _fill(image: np.ndarray, kind: str, rng: np.random.Generator, textures: Sequence[Path]) -> tuple[np.ndarray, float]:
+    """The foreign appearance for ``kind`` (float32 ``[H, W, 3]``) and its opacity."""
+    img = image.astype(np.float32)
+    h, w = image.shape[:2]
+    if kind == "stain":
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        grain = rng.normal(0.0, 8.0, size=(h, w, 1)).astype(np.float32)
+        return np.broadcast_to(colour, img.shape) + grain, float(rng.uniform(0.25, 0.6))
+    if kind == "shade":
+        factor = float(rng.uniform(0.6, 0.85)) if rng.random() < 0.5 else float(rng.uniform(1.15, 1.4))
+        return img * factor, 1.0
+    if kind == "smudge":
+        blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=5.0)
+        return blurred + rng.uniform(-25, 25, size=3).astype(np.float32), float(rng.uniform(0.4, 0.8))
+    if kind == "texture":
+        if not textures:
+            raise ValueError("probe kind 'texture' needs a texture folder")
+        path = textures[int(rng.integers(0, len(textures)))]
+        return texture_source(path, (h, w), rng).astype(np.float32), float(rng.uniform(0.3, 0.7))
+    raise ValueError(f"unknown probe kind {kind!r}: one of {PROBE_KINDS}")
+
+
+def probe_anomaly(image: np.ndarray, kind: str, foreground: np.ndarray, rng: np.random.Generator,
+                  textures: Sequence[Path] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """A good RGB ``uint8 [H, W, 3]`` image -> (the image with a ``kind`` defect, its bool mask).
+    Pixels outside the mask are unchanged."""
+    mask = blob_mask(foreground, rng)
+    appearance, alpha = _fill(image, kind, rng, textures)
+    out = image.astype(np.float32)
+    m = mask[..., None]
+    out = np.where(m, (1.0 - alpha) * out + alpha * appearance, out)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), mask
+
+
+@dataclass
+class ProbeSet:
+    """Held-out good images followed by their probe anomalies."""
+    images: np.ndarray       # uint8 [N, H, W, 3]
+    masks: np.ndarray        # bool [N, H, W]
+    kinds: list[str]         # "good" or "probe-<kind>"
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([k != "good" for k in self.kinds])
+
+
+def make_probe_set(good: np.ndarray, foreground: ForegroundConfig, textures: Sequence[Path] = (),
+                   kinds: Sequence[str] = PROBE_KINDS, seed: int = 0) -> ProbeSet:
+    """Every good image once as itself and once per kind with a probe defect (seeded)."""
+    if len(good) == 0:
+        raise ValueError("the probe needs at least one held-out good image")
+    rng = np.random.default_rng([seed, 4242])
+    images, masks, names = list(good), [np.zeros(good.shape[1:3], bool)] * len(good), ["good"] * len(good)
+    for kind in kinds:
+        for img in good:
+            fg = foreground_mask(img, foreground) > 0
+            bad, mask = probe_anomaly(img, kind, fg, rng, textures)
+            images.append(bad)
+            masks.append(mask)
+            names.append(f"probe-{kind}")
+    return ProbeSet(np.stack(images), np.stack(masks), names)
+
+
+def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of anomaly maps ``[N, H, W]`` (kernel to 4 sigma), zero padding renormalised at
+    the border so that a constant map stays constant. ``sigma <= 0``: unchanged."""
+    if sigma <= 0:
+        return maps
+    radius = int(round(4.0 * sigma))
+    k = cv2.getGaussianKernel(2 * radius + 1, sigma).astype(np.float32)
+    ones = cv2.sepFilter2D(np.ones(maps.shape[1:], np.float32), -1, k, k, borderType=cv2.BORDER_CONSTANT)
+    return np.stack([cv2.sepFilter2D(m.astype(np.float32), -1, k, k, borderType=cv2.BORDER_CONSTANT) / ones
+                     for m in maps])
+
+
+def run_probe(predict: Callable[[np.ndarray], np.ndarray], probe: ProbeSet, top_k: int,
+              sigmas: Sequence[float] = (0.0,), batch_size: int = 16) -> dict[str, dict]:
+    """Metrics (``metrics.evaluate_maps``, per probe kind) of ``predict`` on ``probe``, for each map
+    smoothing ``sigma`` applied after the model (0 = the model as it is)."""
+    maps = np.concatenate([predict(probe.images[i:i + batch_size]) for i in range(0, len(probe.images), batch_size)])
+    out = {}
+    for s in sigmas:
+        m = smooth_maps(maps, s)
+        out[f"sigma={s:g}"] = metrics.evaluate_maps(m, probe.masks, image_scores(m, top_k), probe.labels, probe.kinds)
+    return out
