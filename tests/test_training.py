@@ -88,6 +88,10 @@ def test_training_is_reproducible_and_resume_continues_the_same_run(product_root
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"not reproducible: {k}")
         torch.testing.assert_close(a[k], c[k], rtol=1e-5, atol=1e-6, msg=f"resume differs: {k}")
+    # Resuming with other synthesis settings (say, newer defaults) is refused, naming the run's config.
+    with pytest.raises(ValueError, match=r"perlin_max_scale.*--config .*half/config\.yaml"):
+        train(apply_overrides(cfg, {"synthesis.perlin_max_scale": 6}), tmp_path / "half",
+              resume=tmp_path / "half" / "checkpoint.pt", progress=False, log=lambda *a: None)
 
 
 def test_memory_and_held_out_images_never_train(product_root):

@@ -8,6 +8,8 @@ GPUs through ``torchrun`` (DistributedDataParallel: each process trains on its o
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import random
@@ -126,6 +128,13 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         saved = MemSegConfig.from_dict(ckpt["config"])
         if saved.model != cfg.model or saved.data.image_size != cfg.data.image_size:
             raise ValueError(f"{resume} was trained with a different model or image size; resume needs the same")
+        # Defaults change between releases (e.g. the Perlin scales): a resumed run must keep synthesising
+        # the anomalies it started with. The texture folder may move between machines.
+        changed = [f.name for f in dataclasses.fields(saved.synthesis) if f.name != "textures"
+                   and getattr(saved.synthesis, f.name) != getattr(cfg.synthesis, f.name)]
+        if changed:
+            raise ValueError(f"{resume} was trained with other synthesis settings ({', '.join(changed)}); resume "
+                             f"with the run's own configuration: --config {Path(resume).parent / 'config.yaml'}")
         start_it = int(ckpt["iteration"])
 
     data = discover(cfg.data)
