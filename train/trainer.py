@@ -9,7 +9,6 @@ GPUs through ``torchrun`` (DistributedDataParallel: each process trains on its o
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 import random
