@@ -22,8 +22,9 @@ import numpy as np
 from memseg_edge.train.checkpoint import load_model
 from memseg_edge.train.config import DataConfig, MemSegConfig
 from memseg_edge.train.datasets import discover, load_images, split_good
+from memseg_edge.train.plots import _contour_image
 from memseg_edge.train.probe import PROBE_KINDS, make_probe_set, run_probe
-from memseg_edge.train.synthesis import list_textures
+from memseg_edge.train.synthesis import _label, list_textures
 from memseg_edge.train.trainer import predict_maps
 
 
@@ -33,12 +34,10 @@ def _preview(probe, path: Path, n: int = 8) -> None:
     bad = [i for i, k in enumerate(probe.kinds) if k != "good"]
     step = max(1, len(bad) // n)
     for i in bad[::step][:n]:
-        tile = cv2.cvtColor(probe.images[i], cv2.COLOR_RGB2BGR).copy()
-        contours, _ = cv2.findContours(probe.masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(tile, contours, -1, (0, 0, 255), 1)
-        cv2.putText(tile, probe.kinds[i], (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 255, 255), 1)
+        tile = _contour_image(probe.images[i], probe.masks[i])
+        _label(tile, probe.kinds[i])
         tiles.append(tile)
-    cv2.imwrite(str(path), cv2.hconcat(tiles))
+    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(tiles, axis=1), cv2.COLOR_RGB2BGR))
 
 
 @click.command()

@@ -116,9 +116,9 @@ def make_probe_set(good: np.ndarray, foreground: ForegroundConfig, textures: Seq
         raise ValueError("the probe needs at least one held-out good image")
     rng = np.random.default_rng([seed, 4242])
     images, masks, names = list(good), [np.zeros(good.shape[1:3], bool)] * len(good), ["good"] * len(good)
+    foregrounds = [foreground_mask(img, foreground) > 0 for img in good]
     for kind in kinds:
-        for img in good:
-            fg = foreground_mask(img, foreground) > 0
+        for img, fg in zip(good, foregrounds):
             bad, mask = probe_anomaly(img, kind, fg, rng, textures)
             images.append(bad)
             masks.append(mask)
