@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+from .threads import threads_option
+
 ENDPOINT_HELP = ("PORT means tcp://127.0.0.1:PORT (this machine only); HOST:PORT, tcp://HOST:PORT, ipc:///path "
                  "are used as written; all interfaces only when written: tcp://*:PORT or 0.0.0.0:PORT.")
 
@@ -137,8 +139,7 @@ def _source_options(f):
 @click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
               help="Encrypt and authenticate every endpoint with CurveZMQ: DIR holds server.key_secret and "
                    "authorized/*.key (make them with `memseg-edge keys DIR`).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="onnxruntime intra-op threads (default: all cores).")
+@threads_option
 def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, threshold, max_batch, max_wait_ms,
             queue_frames, save_failures, save_passes, save_budget_mb, display, max_frames, stats_every, stats_json, heartbeat_s,
             trigger_timeout_s, curve_keys, threads):
