@@ -33,7 +33,7 @@ import numpy as np
 from memseg_edge.bundle import load_bundle
 
 from .int8 import (_name_nodes, check_interface, describe_kept, fix_ir_version, kept_fp32_nodes,
-                   kept_fp32_summary, memory_prefix, save_model)
+                   kept_fp32_summary, memory_prefix, previous_sha256, report_replaced, save_model)
 
 FP16_MAX = 65504.0
 
@@ -216,10 +216,12 @@ def convert_fp16(bundle_dir: str | Path, keep_fp32: list[str] | None = None, log
     if wrong:
         raise RuntimeError(f"memory bank initializers {wrong} are not float32 after conversion")
     out = bundle.root / "model.fp16.onnx"
+    old_sha256 = previous_sha256(out)
     save_model(half, out)
     summary = kept_fp32_summary(groups, prefix, keep_fp32)
     bundle.add_file(out, "fp16", kept_fp32=summary)
     n_half = sum(1 for t in half.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {n_half} float16 initializers; kept in float32: "
         f"{describe_kept(groups, model)})")
+    report_replaced(bundle, out, old_sha256, log)
     return out

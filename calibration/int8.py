@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 from collections import deque
@@ -49,7 +50,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from memseg_edge.bundle import INPUT_NAME, load_bundle
+from memseg_edge.bundle import INPUT_NAME, load_bundle, sha256_file
 from memseg_edge.preprocess import IMAGE_SUFFIXES, list_images, load_rgb, prepare
 
 METHODS = ("entropy", "percentile", "minmax")
@@ -389,6 +390,49 @@ def save_model(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def previous_sha256(path: Path) -> str | None:
+    """The sha256 of a variant about to be rewritten (``None`` when there is none), for :func:`report_replaced`."""
+    return sha256_file(path) if path.is_file() else None
+
+
+def report_replaced(bundle, out: Path, old_sha256: str | None, log: Callable = print) -> None:
+    """Say what rewriting ``out`` (a precision variant of ``bundle``) replaced, and remove what was made from the
+    old file: plugin variants (``model.json`` ``source``) are deleted, as ``build-engine --plugin`` rewrites them
+    from the new file; engines built from the old file (found in the bundle folder by their sidecars) are named.
+    Engines anywhere else are refused by ``run`` and ``eval`` until rebuilt: their sidecar's ``onnx_sha256`` no
+    longer matches ``model.json``."""
+    if old_sha256 is None:
+        return
+    new_sha256 = sha256_file(out)
+    if new_sha256 == old_sha256:
+        log(f"note: {out.name} was rewritten with identical content")
+        return
+    log(f"replaced the previous {out.name} (sha256 {old_sha256[:12]}... -> {new_sha256[:12]}...) and its entry in "
+        f"{bundle.root / 'model.json'}")
+    stale_files = {out.name}
+    files = bundle.meta.get("files", {})
+    for name, entry in list(files.items()):
+        if entry.get("source") == out.name:
+            (bundle.root / name).unlink(missing_ok=True)
+            del files[name]
+            stale_files.add(name)
+            log(f"removed {name}, made from the previous {out.name} (build-engine --plugin makes it again)")
+    (bundle.root / "model.json").write_text(json.dumps(bundle.meta, indent=2))
+    engines = []
+    for side in sorted(bundle.root.glob("*.engine.json")):
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("onnx_file") in stale_files and meta.get("onnx_sha256") != files.get(meta["onnx_file"], {}).get(
+                "sha256"):
+            engines.append(side.name[:-len(".json")])
+    precision = files.get(out.name, {}).get("precision", "fp32")
+    log(f"engines built from the previous {out.name} are stale: memseg-edge run and eval refuse them until rebuilt "
+        f"({', '.join(engines) + ' here; ' if engines else ''}memseg-edge build-engine {bundle.root} --precision "
+        f"{precision})")
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -458,6 +502,7 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
         raise RuntimeError("quantization inserted no Q/DQ nodes")
     check_interface(qmodel, model, bundle.meta)
     qmodel.doc_string = (model.doc_string + f" | INT8 Q/DQ, {method} calibration on {len(paths)} images").strip(" |")
+    old_sha256 = previous_sha256(out)
     save_model(qmodel, out)
     summary = kept_fp32_summary(groups, prefix, keep_fp32)
     extra_meta = {"percentile": PERCENTILE} if method == "percentile" else {}
@@ -465,4 +510,5 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
                     seed=seed, kept_fp32=summary, **extra_meta)
     n_conv = sum(1 for n in qmodel.graph.node if n.op_type in WEIGHTED_OPS and n.name not in kept)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {n_qdq} Q/DQ nodes, {n_conv} INT8 weighted ops)")
+    report_replaced(bundle, out, old_sha256, log)
     return out

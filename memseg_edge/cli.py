@@ -22,6 +22,46 @@ def _need_trainer():
                 f"this command needs the trainer ({name} is not installed): pip install 'memseg-edge[train]'")
 
 
+def _need_matplotlib():
+    """--plots draws with matplotlib, which only the trainer extra installs: say so before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise click.ClickException("--plots needs matplotlib, which is not installed (it comes with the trainer "
+                                   "extra): pip install 'memseg-edge[train]', or leave out --plots")
+
+
+def _need_cuda(device: str):
+    """Refuse --device cuda[:N] before loading anything when PyTorch sees no such GPU."""
+    import torch
+
+    index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
+    if not torch.cuda.is_available():
+        raise click.ClickException(f"--device {device}: PyTorch sees no CUDA GPU here (no NVIDIA driver, or a CPU-only "
+                                   "PyTorch build); leave out --device to evaluate on the CPU")
+    if index >= torch.cuda.device_count():
+        raise click.ClickException(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                   f"numbered from 0; use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
+def _checkpoint_path(value: str, command: str) -> Path:
+    """A checkpoint argument (checkpoint.pt or its run folder) -> the .pt file, refusing the files that are
+    mistaken for one (a bundle's ONNX file, an engine, a bundle folder) with the command that takes them."""
+    path = Path(value)
+    bundle_like = path.suffix in (".onnx", ".engine") or (path.is_dir() and (path / "model.json").is_file())
+    if bundle_like:
+        what = "an engine" if path.suffix == ".engine" else "already an exported model (a bundle or one of its ONNX files)"
+        raise click.ClickException(
+            f"{path} is {what}, not a checkpoint: {command} takes the checkpoint.pt that `memseg-edge train` wrote "
+            "(or its run folder); use this file directly with eval, run, predict, calibrate or build-engine")
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+        if not path.is_file():
+            raise click.ClickException(f"{value} holds no checkpoint.pt: give a run folder made by `memseg-edge train` "
+                                       "or the checkpoint file itself")
+    return path
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="memseg-edge")
 def main():
@@ -159,10 +199,14 @@ def _foreground(cfg, method, threshold, invert):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the metrics here.")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
               help="Write ROC/PRO curves, a score histogram and overlays here.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True,
+              help="Where a checkpoint runs: cpu, cuda or cuda:N (bundles run with onnxruntime on the CPU, engines on "
+                   "their GPU).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, plots_dir, device, batch_size, quiet):
+@threads_option
+def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, plots_dir, device, batch_size, quiet,
+             threads):
     """Evaluate MODEL on the test images: a checkpoint.pt or its run folder (PyTorch), a model
     bundle folder or one of its ONNX files, e.g. BUNDLE/model.int8.onnx (onnxruntime, no PyTorch), or a
     TensorRT engine FILE.engine built by build-engine (on its GPU; the sidecar is checked first).
@@ -171,11 +215,18 @@ def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, 
     (to FPR 0.3, normalised), F1-max, per defect type, and the false-reject and miss rates at the
     model's own threshold. Fractions in [0, 1] in the JSON.
     """
-    if not (Path(model).suffix in (".onnx", ".engine") or (Path(model) / "model.json").is_file()):
+    is_checkpoint = not (Path(model).suffix in (".onnx", ".engine") or (Path(model) / "model.json").is_file())
+    if is_checkpoint:
         _need_trainer()
+    if plots_dir:
+        _need_matplotlib()
+    if is_checkpoint and device.startswith("cuda"):
+        _need_cuda(device)
     from .engine import EngineError
     from .train.config import DataConfig
     from .train.evaluate import evaluate
+
+    apply_threads(threads)   # again: a checkpoint imported torch
 
     data = DataConfig(root=data_root, category=category or "", layout=layout or "mvtec", test_dir=test_dir or "",
                       mask_dir=mask_dir or "")
@@ -204,9 +255,7 @@ def export(checkpoint, out_dir, opset, no_verify, plugin):
     _need_trainer()
     from .train.export import export_bundle
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    path = _checkpoint_path(checkpoint, "export")
     try:
         export_bundle(path, out_dir, opset=opset, verify=not no_verify)
         if plugin:
@@ -227,13 +276,16 @@ def export(checkpoint, out_dir, opset, no_verify, plugin):
 @click.option("--keep-fp32", multiple=True, help="Node-name prefix to keep in FP32 as well (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking calibration images.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet):
+@threads_option
+def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet, threads):
     """Make precision variants of a bundle: INT8 (--images) and/or FP16 (--fp16).
 
     INT8: explicit quantization (QuantizeLinear/DequantizeLinear), symmetric (zero points 0, as TensorRT
     needs), per-channel weights, calibrated on your good images. The memory-bank step, what its
     differences feed, the input normalisation and the softmax/score stay FP32. FP16: weights and
     activations in FP16 with the same parts kept in FP32. Check each with `memseg-edge eval BUNDLE/<file>`.
+    A variant made again replaces the previous one: the command says so, removes the plugin variants made
+    from it, and engines built from it are refused by run and eval until rebuilt.
     """
     if not images and not fp16:
         raise click.UsageError("nothing to do: give --images DIR (INT8) and/or --fp16")
@@ -253,11 +305,15 @@ def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet):
 
 
 @main.command("build-engine")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("source", metavar="MODEL", type=click.Path(exists=True))
 @click.option("--out", "out", type=click.Path(), default=None,
               help="Engine file (or folder). Default: BUNDLE/model.<gpu>.<precision>.engine.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-              help="Which ONNX variant to build: model.onnx, model.fp16.onnx or model.int8.onnx (see calibrate).")
+              help="Which ONNX variant to build: model.onnx, model.fp16.onnx (made if missing) or model.int8.onnx "
+                   "(calibrated with --images if missing).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Good images of the product: INT8 is calibrated on them when the bundle has no model.int8.onnx or "
+                   "it was calibrated on other images; the engine is compared with the ONNX file on the first few.")
 @click.option("--backend", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
               help="TensorRT flavour. Default: tensorrt when it and a CUDA GPU are present, else tensorrt-rtx.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Largest batch the engine accepts.")
@@ -270,26 +326,137 @@ def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet):
 @click.option("--plugin", is_flag=True,
               help="Replace the standard-op memory-bank step by the fused MemoryArgminL2 CUDA kernel (a TensorRT "
                    "plugin; fp32 and fp16). `memseg-edge run` registers it before loading such an engine.")
+@click.option("--no-compare", is_flag=True, help="Skip running the engine against the ONNX file after the build.")
 @click.option("--verbose", is_flag=True, help="Show TensorRT's info messages.")
-def build_engine_cmd(bundle, out, precision, backend, max_batch, opt_batch, workspace_mb, timing_cache,
-                     compute_capabilities, plugin, verbose):
-    """Build a TensorRT engine from a model bundle, on the device that will run it.
+def build_engine_cmd(source, out, precision, images, backend, max_batch, opt_batch, workspace_mb, timing_cache,
+                     compute_capabilities, plugin, no_compare, verbose):
+    """Build a TensorRT engine from MODEL, on the device that will run it.
 
-    Precision comes from the ONNX variant (TensorRT 11 builds strongly typed networks only); the engine
-    gets a sidecar FILE.engine.json (TensorRT flavour and version, GPU, precision, batch range, sha256 of
-    the source ONNX) that the runtime checks before it loads the engine.
+    MODEL is a bundle folder, or a run folder / checkpoint.pt: then the bundle (RUN/bundle) is exported
+    first when it is missing or older than the checkpoint, and INT8 is calibrated when needed, so
+
+    \b
+      memseg-edge build-engine runs/bottle --precision int8 --images ROOT/bottle/train/good
+
+    goes from checkpoint to engine in one step (export, calibrate and build-engine stay separate commands
+    for those who want control). Precision comes from the ONNX variant (TensorRT 11 builds strongly typed
+    networks only); the engine gets a sidecar FILE.engine.json (TensorRT flavour and version, GPU,
+    precision, batch range, sha256 of the source ONNX, and how the engine compared with it on a few images
+    where this machine can run it) that the runtime checks before it loads the engine.
     """
     from .engine import EngineError, build_engine
 
     if opt_batch is not None and opt_batch > max_batch:
         raise click.BadParameter(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}")
     try:
+        bundle = _bundle_for_engine(source, precision, images)
         build_engine(bundle, out, precision=precision, backend=backend, max_batch=max_batch, opt_batch=opt_batch,
                      workspace_mb=workspace_mb, timing_cache=timing_cache,
                      compute_capabilities=list(compute_capabilities) or None, plugin=plugin, verbose=verbose,
-                     log=click.echo)
-    except (EngineError, FileNotFoundError, ValueError) as exc:
+                     compare=not no_compare, compare_images=images, log=click.echo)
+    except ImportError as exc:
+        raise click.ClickException(f"this step needs onnx and onnxruntime ({exc.name} is not installed): "
+                                   "pip install 'memseg-edge[onnx]'") from exc
+    except (EngineError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _bundle_for_engine(source: str, precision: str, images: str | None) -> Path:
+    """The bundle folder build-engine builds from: ``source`` itself, or for a run folder / checkpoint.pt,
+    RUN/bundle exported when missing or made from another checkpoint; model.int8.onnx calibrated on ``images``
+    when it is missing or was calibrated on other images."""
+    import json
+
+    from .bundle import load_bundle, sha256_file
+
+    path = Path(source)
+    if path.suffix == ".onnx":
+        path = path.parent
+    if not (path.is_dir() and (path / "model.json").is_file()):
+        ckpt = _checkpoint_path(source, "build-engine")
+        path = ckpt.parent / "bundle"
+        ckpt_sha = sha256_file(ckpt)
+        meta_file = path / "model.json"
+        recorded = json.loads(meta_file.read_text()).get("checkpoint_sha256") if meta_file.is_file() else None
+        if recorded != ckpt_sha:
+            _need_trainer()
+            from .train.export import export_bundle
+
+            click.echo(f"export: {ckpt} -> {path}" + (" (the bundle there was made from another checkpoint)"
+                                                        if meta_file.is_file() else ""))
+            export_bundle(ckpt, path, log=click.echo)
+            meta = json.loads(meta_file.read_text())
+            meta["checkpoint_sha256"] = ckpt_sha
+            meta_file.write_text(json.dumps(meta, indent=2))
+        else:
+            click.echo(f"export: {path} is up to date with {ckpt}")
+    if precision == "int8":
+        bundle, _ = load_bundle(path)
+        entry = bundle.meta.get("files", {}).get("model.int8.onnx")
+        if images is None:
+            if entry is None or not (path / "model.int8.onnx").is_file():
+                raise click.ClickException(f"{path} has no model.int8.onnx: give --images DIR (good images of the "
+                                           "product, never test images) to calibrate it")
+        else:
+            from .calibration.int8 import DEFAULT_NUM_IMAGES, hash_images, quantize_int8, select_images
+
+            quiet = []
+            wanted = hash_images(select_images(images, DEFAULT_NUM_IMAGES, 0, log=quiet.append))
+            if entry is not None and entry.get("images_sha256") == wanted and (path / "model.int8.onnx").is_file():
+                click.echo(f"calibrate: {path / 'model.int8.onnx'} was calibrated on these images already")
+            else:
+                click.echo(f"calibrate: INT8 on {images}")
+                quantize_int8(path, images, log=click.echo)
+    return path
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for the overlays (one per image, named after it), predictions.csv and predictions.json.")
+@click.option("--threshold", type=float, default=None,
+              help="Decision threshold (score >= T is FAIL). Default: the one chosen at training (model.json).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--quiet", is_flag=True, help="No line per image.")
+@threads_option
+def predict(model, images, out_dir, threshold, batch_size, quiet, threads):
+    """Judge IMAGES (files, or folders searched recursively) with MODEL: a bundle folder or one of its ONNX
+    files (onnxruntime, no PyTorch), or a .engine file (TensorRT on its GPU).
+
+    \b
+    Example:
+      memseg-edge predict bundles/bottle ROOT/bottle/test/broken_large photo.png --out predictions/
+
+    Per image: the score (mean of the top-100 anomaly-map pixels), PASS or FAIL at the threshold, and an
+    overlay OUT/<image name>.jpg, computed by the same code as `memseg-edge run`. A file that cannot be read
+    is an ERROR row, and the command then exits 1 after writing everything else.
+    """
+    from .predict import predict as run_predict
+
+    path = Path(model)
+    if path.suffix == ".pt" or (path.is_dir() and (path / "checkpoint.pt").is_file()
+                                and not (path / "model.json").is_file()):
+        raise click.ClickException(f"{model} is a checkpoint: predict runs exported models; export it first "
+                                   f"(memseg-edge export {model} --out BUNDLE) and pass BUNDLE")
+
+    def show(row):
+        if not quiet:
+            score = "-" if row.score is None else f"{row.score:.4f}"
+            click.echo(f"{row.verdict:5s} {score:>8s}  {row.image}" + (f"  ({row.error})" if row.error else ""))
+
+    try:
+        report = run_predict(model, images, out_dir, threshold=threshold, batch_size=batch_size, threads=threads,
+                             on_result=show, log=click.echo)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    c = report["counts"]
+    click.echo(f"{report['images']} images in {report['seconds']:.1f} s: {c['FAIL']} FAIL, {c['PASS']} PASS, "
+               f"{c['ERROR']} ERROR at threshold {report['threshold']:.6g}; overlays, predictions.csv and "
+               f"predictions.json in {out_dir}")
+    if c["ERROR"]:
+        raise click.ClickException(f"{c['ERROR']} image(s) could not be judged: see the error column of "
+                                   f"{Path(out_dir) / 'predictions.csv'}")
 
 
 @main.command("synth-preview")
@@ -336,7 +503,11 @@ def synth_preview(data_root, category, layout, test_dir, mask_dir, out_file, tex
         raise click.ClickException(str(exc)) from exc
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(ds.train_good), size=min(count, len(ds.train_good)), replace=False)
-    images = list(load_images([ds.train_good[i] for i in sorted(picks)], image_size))
+    try:
+        images = list(load_images([ds.train_good[i] for i in sorted(picks)], image_size))
+    except ValueError as exc:   # a corrupt or truncated file among the good images
+        raise click.ClickException(f"{exc}; remove or replace that file (train would stop on it too), then run "
+                                   "synth-preview again") from None
     grid = preview_grid(images, AnomalySynthesizer(cfg.synthesis), rng)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out_file), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):

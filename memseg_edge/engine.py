@@ -45,16 +45,16 @@ _ALIASES = {"tensorrt": "tensorrt", "trt": "tensorrt", "tensorrt-rtx": "tensorrt
 RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
 RTX_DEFAULT_LATER_FROM = (12, 0)
 
+# What to do without an engine: the runtime and eval run a bundle's ONNX file with onnxruntime on the CPU.
+ONNX_INSTEAD = "memseg-edge run --model BUNDLE (or memseg-edge eval BUNDLE) runs the bundle with onnxruntime, no engine"
 TRT_MISSING = (
-    "TensorRT is not installed ({why}). Install it on the device that will run the engine: "
-    "pip install 'memseg-edge[trt]' tensorrt (NVIDIA's wheel); on a Jetson use the TensorRT that JetPack installs "
-    "(apt install python3-libnvinfer, then create the venv with --system-site-packages). "
-    "Alternatives: --backend tensorrt-rtx (GeForce/RTX GPUs, builds on a CPU too), or no engine at all: "
-    "memseg-edge run --backend onnxruntime runs the bundle's ONNX file.")
+    "TensorRT is not installed ({why}): on the device with the NVIDIA GPU, pip install 'memseg-edge[trt]' "
+    "(on a Jetson, JetPack's TensorRT: apt install python3-libnvinfer, venv with --system-site-packages); "
+    "or build with --backend tensorrt-rtx (pip install 'memseg-edge[rtx]', builds on a CPU too); or skip the "
+    "engine: " + ONNX_INSTEAD + ".")
 RTX_MISSING = (
-    "TensorRT for RTX is not installed ({why}): pip install 'memseg-edge[rtx]' (or pip install tensorrt-rtx). "
-    "Alternatives: --backend tensorrt with NVIDIA's full TensorRT on the target GPU, or "
-    "memseg-edge run --backend onnxruntime without an engine.")
+    "TensorRT for RTX is not installed ({why}): pip install 'memseg-edge[rtx]'; or build with --backend tensorrt "
+    "(NVIDIA's full TensorRT on the target GPU); or skip the engine: " + ONNX_INSTEAD + ".")
 NO_GPU = (
     "full TensorRT builds an engine on the GPU that will run it, and no CUDA GPU is usable here "
     "(no NVIDIA driver, no device, or CUDA_VISIBLE_DEVICES hides it). Run build-engine on the target device, "
@@ -196,7 +196,7 @@ def normalize_backend(backend: str) -> str:
     key = str(backend).strip().lower()
     if key == "onnxruntime":
         raise EngineBuildError("onnxruntime runs the bundle's ONNX file directly; there is no engine to build "
-                               "(memseg-edge run --backend onnxruntime BUNDLE)")
+                               "(memseg-edge run --model BUNDLE)")
     if key not in _ALIASES:
         raise EngineBuildError(f"unknown TensorRT backend {backend!r}: use one of {', '.join(FLAVOURS)}")
     return _ALIASES[key]
@@ -246,8 +246,7 @@ def _auto_flavour(log: Callable[[str], Any]) -> tuple[Flavour, dict | None]:
         "no TensorRT is installed (neither tensorrt nor tensorrt_rtx can be imported). On the device with the "
         "NVIDIA GPU: pip install 'memseg-edge[trt]' tensorrt (on a Jetson, JetPack's TensorRT: apt install "
         "python3-libnvinfer); for GeForce/RTX GPUs, or to build on a machine without a GPU: "
-        "pip install 'memseg-edge[rtx]' and --backend tensorrt-rtx. Without an engine, "
-        "memseg-edge run --backend onnxruntime runs the bundle's ONNX file.")
+        "pip install 'memseg-edge[rtx]' and --backend tensorrt-rtx. Without an engine, " + ONNX_INSTEAD + ".")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,7 +354,7 @@ def _parser_errors(parser, flavour: Flavour, onnx_path: Path) -> str:
     body = "\n".join(lines) or "  (the parser gave no reason)"
     return (f"{flavour.name} {flavour.version} cannot parse {onnx_path}:\n{body}\n"
             "The node(s) above use an operator or data type this TensorRT does not support: change the export, "
-            "or run the ONNX file with --backend onnxruntime.")
+            f"or run the ONNX file with onnxruntime (memseg-edge run --model {onnx_path}).")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,7 +369,8 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
                  workspace_mb: int | None = None, timing_cache: str | Path | None = None,
                  log: Callable[[str], Any] = print, *, compute_capabilities: Iterable[Any] | None = None,
                  register_plugins: Callable[[Any], Iterable[str] | None] | None = None,
-                 plugin: bool = False, verbose: bool = False) -> Path:
+                 plugin: bool = False, verbose: bool = False, compare: bool = True,
+                 compare_images: str | Path | None = None) -> Path:
     """Build a TensorRT engine for ``precision``'s ONNX file of ``bundle``; returns the engine's path.
 
     ``out``: the engine file (``<out>.json`` is its sidecar); a folder or ``None`` puts
@@ -384,7 +384,11 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
     it registered (recorded in the sidecar). ``plugin``: build the bundle's plugin variant
     (``model.plugin.onnx`` / ``model.fp16.plugin.onnx``, written from the precision variant if absent), in
     which one ``memseg::MemoryArgminL2`` node (the fused memory-bank kernel) replaces the standard-op memory
-    step; its creator is registered before parsing. Raises :class:`EngineBuildError` with what to do.
+    step; its creator is registered before parsing. ``compare``: after the build, run the engine and its
+    ONNX variant on a few images (``compare_images``, a folder, else seeded random images) where this machine
+    can run the engine, and record the result, or why there was none, as ``comparison`` in the sidecar
+    (:func:`compare_with_onnx`). An FP16 variant that does not exist yet is made first (``calibrate --fp16``).
+    Raises :class:`EngineBuildError` with what to do.
     """
     t_start = time.perf_counter()
     if precision not in PRECISION_FILES:
@@ -397,6 +401,8 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
     # The bundle first: a wrong path or a missing variant is the most common mistake.
     try:
         bnd, _ = load_bundle(bundle)
+        if precision == "fp16":
+            _ensure_fp16(bnd, log)
         onnx_path = _plugin_variant(bnd, precision, log) if plugin else bnd.verify(precision)
     except (FileNotFoundError, ValueError) as exc:
         raise EngineBuildError(str(exc)) from exc
@@ -494,7 +500,7 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
             f"{flavour.name} {flavour.version} could not build an engine from {onnx_path}:\n{why}\n"
             "Try: a larger workspace (--workspace MB), a smaller --max-batch, another --precision"
             + (", or --backend tensorrt on the target GPU" if flavour.name == "tensorrt-rtx" else "")
-            + ", or run the ONNX file with --backend onnxruntime.")
+            + f", or run the ONNX file with onnxruntime (memseg-edge run --model {onnx_path}).")
 
     out_path = _resolve_out(out, bnd.root, precision + (".plugin" if plugin else ""), flavour.name, device)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -531,7 +537,104 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
     _atomic_write(sidecar_path(out_path), (json.dumps(meta, indent=2) + "\n").encode())
     log(f"wrote {out_path} ({serialized.nbytes / 1e6:.2f} MB, {meta['build_seconds']:.1f} s) and "
         f"{sidecar_path(out_path).name}")
+    if compare:
+        meta["comparison"] = compare_with_onnx(out_path, compare_images, log=log)
+        _atomic_write(sidecar_path(out_path), (json.dumps(meta, indent=2) + "\n").encode())
     return out_path
+
+
+COMPARE_IMAGES = 4
+
+
+def _comparison_batch(images: str | Path | None, size: int, n: int):
+    """``n`` RGB uint8 images ``[n, size, size, 3]`` from folder ``images`` (the first by name), else seeded
+    random ones; and a description of where they came from."""
+    import numpy as np
+
+    from .preprocess import list_images, load_rgb, prepare
+
+    if images is not None:
+        paths = list_images(images)[:n]
+        if paths:
+            return np.stack([prepare(load_rgb(p), size) for p in paths]), f"{len(paths)} images from {images}"
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), f"{n} random images (seed 0)"
+
+
+def compare_with_onnx(engine_path: str | Path, images: str | Path | None = None, n: int = COMPARE_IMAGES,
+                      log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run a freshly built engine and the ONNX variant it came from (onnxruntime, CPU) on ``n`` images and
+    compare them, as polygraphy does after a build; returns the sidecar's ``comparison`` record.
+
+    A plugin engine is compared with the same precision's standard-op variant (onnxruntime has no fused
+    kernel). Where the engine cannot run here (no CUDA GPU, a GPU it was not built for), the record says
+    ``compared: false`` and why; the comparison is then for the target device (``memseg-edge eval`` of the
+    engine and of the ONNX file on the same images)."""
+    import numpy as np
+
+    from .backends import OnnxRuntimeBackend
+    from .cuda_env import cuda_device
+
+    engine = Path(engine_path)
+    meta = load_engine_meta(engine)
+    onnx_name = PRECISION_FILES.get(meta.get("precision", "fp32"), "model.onnx") if meta.get("plugins") \
+        else meta.get("onnx_file", "model.onnx")
+    onnx_path = Path(meta.get("bundle") or engine.parent) / onnx_name
+    later = (f"compare on the target device: memseg-edge eval {engine} and memseg-edge eval {onnx_path} on the same "
+             "test images")
+    if cuda_device() is None:
+        record = {"compared": False, "reason": f"no CUDA GPU on the machine that built the engine; {later}"}
+        log(f"not compared with {onnx_name}: {record['reason']}")
+        return record
+    from .trt_backend import TensorRTBackend
+
+    try:
+        trt_backend = TensorRTBackend(engine, log=log)
+    except (EngineError, RuntimeError) as exc:
+        record = {"compared": False, "reason": f"the engine cannot run here ({exc}); {later}"}
+        log(f"not compared with {onnx_name}: {record['reason']}")
+        return record
+    try:
+        reference = OnnxRuntimeBackend(onnx_path)
+        batch, source = _comparison_batch(images, trt_backend.image_size, n)
+        map_e, score_e = trt_backend.infer(batch)
+        map_o, score_o = reference.infer(batch)
+    finally:
+        trt_backend.close()
+    threshold = meta.get("threshold")
+    diff = np.abs(map_e.astype(np.float64) - map_o)
+    record = {
+        "compared": True, "against": f"{onnx_name} (onnxruntime, CPU)", "images": source,
+        "gpu": cuda_device()["name"],
+        "max_abs_map_diff": float(diff.max()), "mean_abs_map_diff": float(diff.mean()),
+        "max_abs_score_diff": float(np.abs(score_e.astype(np.float64) - score_o).max()),
+        "verdicts_agree": None if threshold is None else
+        f"{int(((score_e >= threshold) == (score_o >= threshold)).sum())}/{len(batch)}",
+    }
+    log(f"compared with {onnx_name} on {source}: max |map difference| {record['max_abs_map_diff']:.2e}, max |score "
+        f"difference| {record['max_abs_score_diff']:.2e}"
+        + (f", verdicts agree {record['verdicts_agree']}" if threshold is not None else ""))
+    return record
+
+
+def _ensure_fp16(bnd, log: Callable[[str], Any]) -> None:
+    """Make the bundle's FP16 variant when it does not exist yet (what ``calibrate --fp16`` does: no images
+    needed), so ``build-engine --precision fp16`` works right after ``export`` or an INT8-only ``calibrate``."""
+    path = bnd.root / PRECISION_FILES["fp16"]
+    if path.is_file():
+        return
+    try:
+        from .calibration.fp16 import convert_fp16
+    except ImportError as exc:
+        raise EngineBuildError(f"{path} does not exist and making it needs onnx ({exc.name} is not installed): "
+                               f"pip install 'memseg-edge[onnx]', then memseg-edge calibrate {bnd.root} --fp16") from exc
+    log(f"{path.name} does not exist yet: making it (as memseg-edge calibrate {bnd.root} --fp16 does)")
+    try:
+        convert_fp16(bnd.root, log=log)
+    except (ValueError, RuntimeError) as exc:
+        raise EngineBuildError(f"{path} not found and could not be made here ({exc}); make it with "
+                               f"`memseg-edge calibrate {bnd.root} --fp16`") from exc
+    bnd.meta = json.loads((bnd.root / "model.json").read_text())
 
 
 def _plugin_variant(bnd, precision: str, log: Callable[[str], Any]) -> Path:
@@ -720,11 +823,25 @@ def runtime_identity(backend: str) -> dict[str, Any]:
             "compute_capability": device["compute_capability"] if device else None}
 
 
+def no_gpu_to_run(engine_path: str | Path, meta: dict | None = None) -> str:
+    """The refusal for an engine on a machine without a CUDA GPU, naming the ONNX file to run instead."""
+    engine = Path(engine_path)
+    if meta is None:
+        try:
+            meta = load_engine_meta(engine)
+        except EngineCheckError:
+            meta = {}
+    bundle = meta.get("bundle") or "BUNDLE"
+    onnx_file = Path(bundle) / (meta.get("onnx_file") or "model.onnx")
+    return (f"no CUDA GPU is usable here, and {engine} needs one: pass the bundle folder it was built from instead, "
+            f"which runs with onnxruntime on the CPU (memseg-edge run --model {bundle}, or "
+            f"memseg-edge eval {onnx_file} --data ...)")
+
+
 def check_engine_here(engine_path: str | Path, backend: str) -> dict:
     """:func:`check_engine` against this process's TensorRT module and CUDA device; refuses when there is no
     GPU (an engine needs one to run)."""
     ident = runtime_identity(backend)
     if ident["gpu_name"] is None:
-        raise EngineCheckError(f"no CUDA GPU is usable here, and {engine_path} needs one; run the bundle's ONNX file "
-                               "with --backend onnxruntime instead")
+        raise EngineCheckError(no_gpu_to_run(engine_path))
     return check_engine(engine_path, **ident)

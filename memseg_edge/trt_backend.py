@@ -28,9 +28,6 @@ import numpy as np
 from .bundle import INPUT_NAME, MAP_NAME, SCORE_NAME, sha256_file
 from .engine import EngineCheckError, check_engine_here, import_flavour, load_engine_meta
 
-NO_GPU_HINT = ("; to run on this machine without a GPU, pass the bundle folder (or its .onnx file) as --model: "
-               "it runs with onnxruntime")
-
 
 @dataclass(frozen=True)
 class EngineModelInfo:
@@ -62,14 +59,21 @@ def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> Engi
             bmeta = json.loads(model_json.read_text())
         except (OSError, ValueError) as exc:
             raise EngineCheckError(f"{model_json} (the engine's bundle) is unreadable: {exc}") from exc
-        entry = (bmeta.get("files") or {}).get(meta.get("onnx_file") or "", {})
-        recorded = entry.get("sha256")
+        entry = (bmeta.get("files") or {}).get(meta.get("onnx_file") or "")
+        if entry is None and meta.get("onnx_file") and meta.get("onnx_sha256"):
+            raise EngineCheckError(
+                f"{engine} was built from {meta['onnx_file']}, which the bundle at {bundle_dir} no longer lists (removed "
+                "when the variant it was made from was re-calibrated): its threshold may not fit this engine. Rebuild "
+                f"the engine: memseg-edge build-engine {bundle_dir} --precision {meta.get('precision', 'fp32')}"
+                f"{' --plugin' if meta.get('plugins') else ''} --out {engine}")
+        recorded = (entry or {}).get("sha256")
         if recorded and meta.get("onnx_sha256") and recorded != meta["onnx_sha256"]:
             raise EngineCheckError(
                 f"{engine} was built from {meta.get('onnx_file')} with sha256 {meta['onnx_sha256'][:12]}..., but the "
                 f"bundle at {bundle_dir} now holds sha256 {recorded[:12]}... (re-exported or re-calibrated since): its "
                 "threshold may not fit this engine. Rebuild the engine: memseg-edge build-engine "
-                f"{bundle_dir} --precision {meta.get('precision', 'fp32')} --out {engine}")
+                f"{bundle_dir} --precision {meta.get('precision', 'fp32')}{' --plugin' if meta.get('plugins') else ''} "
+                f"--out {engine}")
         thr = bmeta.get("threshold")
         image_size = bmeta.get("image_size", image_size)
         threshold = float(thr["threshold"]) if isinstance(thr, dict) and "threshold" in thr else threshold
@@ -149,11 +153,7 @@ class TensorRTBackend:
         meta = load_engine_meta(self.engine_path)
         self.info = engine_model_info(self.engine_path, meta)
         flavour_name = str(meta.get("flavour"))
-        try:
-            check_engine_here(self.engine_path, flavour_name)   # before any TensorRT object: see module docstring
-        except EngineCheckError as exc:
-            msg = str(exc)
-            raise EngineCheckError(msg + NO_GPU_HINT if "no CUDA GPU" in msg else msg) from None
+        check_engine_here(self.engine_path, flavour_name)   # before any TensorRT object: see module docstring
         flavour = import_flavour(flavour_name, log)
         trt = flavour.trt
         self.name = flavour.name

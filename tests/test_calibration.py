@@ -324,3 +324,53 @@ def test_build_engine_makes_real_tensorrt_rtx_engines_of_each_variant(variants, 
     assert meta["precision"] == precision and meta["max_batch"] == 4 and meta["flavour"] == "tensorrt-rtx"
     assert meta["onnx_sha256"] == sha256_file(source)
     assert meta["engine_sha256"] == sha256_file(out)
+
+
+# ---------------------------------------------------------------------------------- calibrating again
+
+
+def test_calibrating_again_says_what_it_replaced_and_engines_of_the_old_variant_are_refused(tmp_path):
+    """calibrate used to overwrite model.fp16.onnx / model.int8.onnx and model.json silently; engines built from
+    the old file then ran with a threshold and graph that were no longer theirs."""
+    from click.testing import CliRunner
+
+    from memseg_edge.cli import main
+    from memseg_edge.engine import EngineCheckError
+    from memseg_edge.trt_backend import engine_model_info
+    from test_engine import memory_bundle
+
+    root = memory_bundle(tmp_path / "bundle")
+    first: list[str] = []
+    convert_fp16(root, log=first.append)
+    assert not any("replaced" in line for line in first)   # nothing to replace the first time
+    bundle, _ = load_bundle(root)
+    shutil.copy(root / "model.fp16.onnx", root / "model.fp16.plugin.onnx")   # as build-engine --plugin makes it
+    bundle.add_file(root / "model.fp16.plugin.onnx", "fp16", plugin="memseg::MemoryArgminL2", source="model.fp16.onnx")
+    engines = {}
+    for name, onnx_file in (("model.rtx.fp16.engine", "model.fp16.onnx"),
+                            ("model.rtx.fp16.plugin.engine", "model.fp16.plugin.onnx")):
+        engine = root / name
+        engine.write_bytes(b"stand-in engine")
+        (root / (name + ".json")).write_text(json.dumps({
+            "format": "memseg-edge-engine", "format_version": 1, "flavour": "tensorrt-rtx", "precision": "fp16",
+            "bundle": str(root), "onnx_file": onnx_file, "onnx_sha256": sha256_file(root / onnx_file),
+            "image_size": 16, "threshold": 0.5, "top_k": 10, "max_batch": 1, "engine_sha256": sha256_file(engine),
+            "plugins": ["memseg::MemoryArgminL2"] if "plugin" in name else []}))
+        engines[name] = engine
+        engine_model_info(engine)   # accepted while the variant is the one it was built from
+
+    result = CliRunner().invoke(main, ["calibrate", str(root), "--fp16", "--keep-fp32", "conv2"])
+    assert result.exit_code == 0, result.output
+    assert "replaced the previous model.fp16.onnx (sha256" in result.output
+    assert "removed model.fp16.plugin.onnx" in result.output and not (root / "model.fp16.plugin.onnx").exists()
+    assert "model.fp16.plugin.onnx" not in json.loads((root / "model.json").read_text())["files"]
+    assert "model.rtx.fp16.engine" in result.output and "refuse them until rebuilt" in result.output
+    with pytest.raises(EngineCheckError, match="re-calibrated since.*memseg-edge build-engine"):
+        engine_model_info(engines["model.rtx.fp16.engine"])
+    with pytest.raises(EngineCheckError, match="no longer lists.*--plugin"):
+        engine_model_info(engines["model.rtx.fp16.plugin.engine"])
+    data = tmp_path / "data" / "x" / "test" / "good"
+    data.mkdir(parents=True)
+    refused = CliRunner().invoke(main, ["eval", str(engines["model.rtx.fp16.engine"]), "--data",
+                                        str(tmp_path / "data"), "--category", "x"])
+    assert refused.exit_code == 1 and "re-calibrated since" in refused.output

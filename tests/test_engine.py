@@ -283,6 +283,93 @@ def test_missing_variant_names_the_command(tmp_path):
         eng.build_engine(root, tmp_path / "x.engine", backend="tensorrt-rtx", log=lambda m: None)
 
 
+def memory_bundle(root: Path) -> Path:
+    """A tiny FP32-only bundle whose Relu is named as an exported bundle's memory step, so the FP16
+    conversion (which keeps that step in float32) accepts it."""
+    root = make_bundle(root, kinds=("fp32",))
+    model = onnx.load(str(root / "model.onnx"))
+    for node in model.graph.node:
+        if node.name == "relu1":
+            node.name = "memory/relu1"
+    onnx.save(model, str(root / "model.onnx"))
+    meta = json.loads((root / "model.json").read_text())
+    meta["memory_subgraph"] = {"node_prefix": "memory/", "inputs": ["c1"], "outputs": ["r1"], "bank_initializers": []}
+    meta["files"]["model.onnx"]["sha256"] = sha256_file(root / "model.onnx")
+    (root / "model.json").write_text(json.dumps(meta, indent=2))
+    return root
+
+
+@needs_rtx
+def test_fp16_engine_after_an_int8_only_calibration_makes_the_fp16_variant(tmp_path):
+    """README's flow (calibrate --images, then build-engine --precision fp16) used to end in 'model.fp16.onnx
+    not found' and a sha256 complaint about a file that did not exist."""
+    root = memory_bundle(tmp_path / "b")
+    lines: list[str] = []
+    path = eng.build_engine(root, tmp_path / "x.engine", precision="fp16", backend="tensorrt-rtx", max_batch=1,
+                            log=lines.append)
+    assert any("model.fp16.onnx does not exist yet: making it" in line for line in lines)
+    entry = json.loads((root / "model.json").read_text())["files"]["model.fp16.onnx"]
+    assert entry["precision"] == "fp16" and entry["sha256"] == sha256_file(root / "model.fp16.onnx")
+    meta = json.loads(eng.sidecar_path(path).read_text())
+    assert meta["onnx_file"] == "model.fp16.onnx" and meta["onnx_sha256"] == entry["sha256"]
+
+
+@needs_rtx
+def test_sidecar_records_that_the_engine_was_not_compared_and_why(rtx_engines):
+    from memseg_edge.cuda_env import cuda_device
+
+    if cuda_device() is not None:
+        pytest.skip("a CUDA GPU is here: the engine may be compared")
+    for path, lines in rtx_engines.values():
+        comparison = json.loads(eng.sidecar_path(path).read_text())["comparison"]
+        assert comparison["compared"] is False
+        assert "no CUDA GPU" in comparison["reason"] and "memseg-edge eval" in comparison["reason"]
+        assert any(line.startswith("not compared with") for line in lines)
+
+
+def test_comparison_runs_engine_and_onnx_on_the_same_images(bundle, tmp_path, monkeypatch):
+    """Where the engine runs, both run on the same images and the differences land in the sidecar. The engine is
+    a stand-in here (onnxruntime plus a known offset): the arithmetic and the record are under test."""
+    import cv2
+
+    from memseg_edge import trt_backend
+    from memseg_edge.backends import OnnxRuntimeBackend
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"stand-in")
+    side = {"format": eng.ENGINE_FORMAT, "format_version": 1, "precision": "fp32", "bundle": str(bundle),
+            "onnx_file": "model.onnx", "threshold": 0.5, "plugins": []}
+    eng.sidecar_path(engine).write_text(json.dumps(side))
+    seen = []
+
+    class StandIn:
+        image_size = SIZE
+
+        def __init__(self, path, log=print):
+            self._ort = OnnxRuntimeBackend(bundle / "model.onnx")
+
+        def infer(self, images):
+            seen.append(images.copy())
+            amap, score = self._ort.infer(images)
+            return amap + 1e-3, score + 2e-3
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", StandIn)
+    monkeypatch.setattr(cuda_env, "cuda_device", lambda index=0: {"name": "Stand-in GPU", "compute_capability": "8.6"})
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(folder / f"{i}.png"), np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    record = eng.compare_with_onnx(engine, folder, n=4, log=lambda m: None)
+    assert record["compared"] is True and record["gpu"] == "Stand-in GPU"
+    assert record["images"].startswith("4 images from") and len(seen[0]) == 4
+    assert record["max_abs_map_diff"] == pytest.approx(1e-3, rel=1e-3)
+    assert record["max_abs_score_diff"] == pytest.approx(2e-3, rel=1e-3)
+    assert record["verdicts_agree"].endswith("/4")
+
+
 @needs_rtx
 def test_unknown_op_names_node_and_op(tmp_path):
     root = make_bundle(tmp_path / "b", kinds=("fp32",), extra_node="NoSuchOp")
@@ -310,7 +397,8 @@ def test_full_tensorrt_missing_gives_install_message(tmp_path, monkeypatch):
     msg = str(err.value)
     assert msg.startswith("TensorRT is not installed")
     assert "pip install 'memseg-edge[trt]'" in msg and "JetPack" in msg
-    assert "--backend tensorrt-rtx" in msg and "--backend onnxruntime" in msg
+    assert "--backend tensorrt-rtx" in msg and "memseg-edge run --model BUNDLE" in msg
+    assert "--backend onnxruntime" not in msg   # run has no such option
 
 
 def test_full_tensorrt_without_gpu_fails_before_any_tensorrt_object(tmp_path, monkeypatch):
