@@ -374,3 +374,43 @@ def test_calibrating_again_says_what_it_replaced_and_engines_of_the_old_variant_
     refused = CliRunner().invoke(main, ["eval", str(engines["model.rtx.fp16.engine"]), "--data",
                                         str(tmp_path / "data"), "--category", "x"])
     assert refused.exit_code == 1 and "re-calibrated since" in refused.output
+
+
+def test_build_engine_from_a_run_folder_exports_and_calibrates_only_what_is_missing(bottle_model, tmp_path,
+                                                                                  monkeypatch):
+    """`build-engine RUN --precision int8 --images DIR`: one step from checkpoint to engine. TensorRT is made
+    absent so the command stops right after preparing the bundle (the engine build itself is tested above)."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from memseg_edge.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(bottle_model["checkpoint"], run / "checkpoint.pt")
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted((bottle_model["root"] / "bottle" / "train" / "good").iterdir())[:8]:
+        shutil.copy(p, good / p.name)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    args = ["build-engine", str(run), "--precision", "int8", "--images", str(good), "--backend", "tensorrt"]
+
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 1 and "TensorRT is not installed" in first.output   # reached the build step
+    assert f"export: {run / 'checkpoint.pt'} -> {run / 'bundle'}" in first.output
+    assert f"calibrate: INT8 on {good}" in first.output
+    meta = json.loads((run / "bundle" / "model.json").read_text())
+    assert meta["checkpoint_sha256"] == sha256_file(run / "checkpoint.pt")
+    assert meta["files"]["model.int8.onnx"]["sha256"] == sha256_file(run / "bundle" / "model.int8.onnx")
+
+    again = CliRunner().invoke(main, args)   # nothing changed: nothing is redone
+    assert "is up to date with" in again.output and "calibrated on these images already" in again.output
+    assert json.loads((run / "bundle" / "model.json").read_text()) == meta
+
+    no_images = CliRunner().invoke(main, ["build-engine", str(run / "checkpoint.pt"), "--precision", "int8",
+                                          "--backend", "tensorrt"])
+    assert "TensorRT is not installed" in no_images.output   # the existing INT8 variant is used
+    (run / "bundle" / "model.int8.onnx").unlink()
+    missing = CliRunner().invoke(main, ["build-engine", str(run), "--precision", "int8", "--backend", "tensorrt"])
+    assert missing.exit_code == 1 and "give --images DIR" in missing.output
