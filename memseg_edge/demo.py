@@ -1,11 +1,12 @@
 """``memseg-edge demo``: the whole line on one machine with no data, no GPU and no downloads.
 
 1. makes a small synthetic product (a machined washer on a dark plate; defects: scratches and dents),
-2. trains a small MemSeg on it (64x64, MobileNetV2 encoder; random unless local weights are given),
+2. trains a small MemSeg on it (64x64, MobileNetV2 encoder with torchvision's ImageNet weights: its
+   cache, else a download; offline, or with ``none``, a random encoder, and the output says so),
 3. exports the bundle,
-4. runs the runtime: a camera station thread PUSHes the test images over ZeroMQ (TCP loopback) to the
-   runtime, whose verdicts go out on PUB to a listener thread (the reference PLC gateway), with
-   overlays of FAIL verdicts written to disk.
+4. runs the runtime: a camera station thread PUSHes the test images (enlarged, as a camera's frames
+   would be, so the overlays can be read) over ZeroMQ (TCP loopback) to the runtime, whose verdicts go
+   out on PUB to a listener thread (the reference PLC gateway), with an overlay of every frame on disk.
 
 Everything lands under one folder. With a random encoder the verdicts show the plumbing, not the
 method's accuracy; the output says so. The trainer (torch) is imported inside :func:`run_demo` only.
@@ -21,6 +22,9 @@ import cv2
 import numpy as np
 
 DEMO_CATEGORY = "washer"
+FRAME_SIDE = 384
+"""Side of the frames the demo's camera sends: the 64x64 test images enlarged, so an overlay's caption fits."""
+DOWNLOAD_TIMEOUT_S = 20.0
 
 
 def make_demo_dataset(root: str | Path, size: int = 64, n_train: int = 40, n_test_good: int = 6,
@@ -72,24 +76,44 @@ def make_demo_dataset(root: str | Path, size: int = 64, n_train: int = 40, n_tes
     return Path(root)
 
 
+def imagenet_weights(log: Callable[[str], None] = print) -> str:
+    """``"imagenet"`` when torchvision's MobileNetV2 ImageNet weights are in its cache or download now (the
+    normal torchvision way), else ``"none"`` after saying why."""
+    import socket
+
+    try:
+        import torchvision
+    except ImportError:
+        return "none"
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)   # an offline machine must not hang on the download
+    try:
+        weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # no network, a proxy, a full disk: all mean "no weights"
+        log(f"NOTE: no ImageNet weights: torchvision's cache has none and the download failed "
+            f"({type(exc).__name__}: {exc}).")
+        return "none"
+    finally:
+        socket.setdefaulttimeout(previous)
+    return "imagenet"
+
+
 def run_demo(out: str | Path, *, backbone_weights: str | None = None, iterations: int = 150,
-             log: Callable[[str], None] = print) -> dict:
-    """Run the demo into folder ``out``; returns ``{"verdicts": [...], "bundle", "overlays", "seconds"}``."""
+             threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the demo into folder ``out``; returns ``{"verdicts": [...], "bundle", "overlays", "seconds"}``.
+
+    ``backbone_weights``: ``None`` or ``"imagenet"`` (torchvision's, random when unavailable), a local
+    MobileNetV2 state_dict file, or ``"none"``. ``threads``: CPU threads (:mod:`memseg_edge.threads`)."""
     from .plc import VerdictListener, format_verdict
     from .runtime import Runtime, RuntimeConfig, load_model
     from .sources import ImageFolderCapture, publish_frames
 
+    from .threads import apply_threads
+
     t0 = time.monotonic()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = str(backbone_weights) if backbone_weights else "none"
-    if weights == "none":
-        log("NOTE: this is a plumbing demo. The encoder is random (no download ever happens; pass "
-            "--backbone-weights FILE for a local ImageNet MobileNetV2 state_dict), so the verdicts show that "
-            "camera -> runtime -> PLC works end to end, not how accurate MemSeg is.")
-    data = make_demo_dataset(out / "data")
-    log(f"1/4 synthetic product dataset: {data / DEMO_CATEGORY}")
-
     try:
         from .train.config import MemSegConfig, apply_overrides
         from .train.export import export_bundle
@@ -97,16 +121,31 @@ def run_demo(out: str | Path, *, backbone_weights: str | None = None, iterations
     except ImportError as exc:
         raise RuntimeError(f"the demo trains a model and needs the trainer ({exc.name} is not installed): "
                            "pip install 'memseg-edge[train,onnx]'") from exc
+    threads = apply_threads(threads)   # torch is imported now
+    weights = str(backbone_weights) if backbone_weights else "imagenet"
+    if weights == "imagenet":
+        weights = imagenet_weights(log)
+    if weights == "none":
+        log("NOTE: this is a plumbing demo. The encoder is random (no ImageNet weights; with network access "
+            "torchvision downloads them, offline pass --backbone-weights FILE, a local MobileNetV2 state_dict), so "
+            "the verdicts show that camera -> runtime -> PLC works end to end, not how accurate MemSeg is.")
+    data = make_demo_dataset(out / "data")
+    log(f"1/4 synthetic product dataset: {data / DEMO_CATEGORY}")
     cfg = apply_overrides(MemSegConfig(), {
         "data.root": str(data), "data.category": DEMO_CATEGORY, "data.image_size": 64,
         "model.backbone": "mobilenet_v2", "model.backbone_weights": weights, "model.memory_samples": 8,
         "synthesis.textures": "", "synthesis.foreground.method": "threshold", "synthesis.foreground.threshold": 80,
         "train.iterations": int(iterations), "train.batch_size": 4, "train.num_workers": 0,
         "train.warmup_iterations": min(10, int(iterations)), "train.checkpoint_every": 0, "train.log_every": 50})
-    log(f"2/4 training MemSeg (64x64, mobilenet_v2, {iterations} iterations, CPU)")
-    ckpt = train(cfg, out / "run", progress=False, log=lambda *a: None)
+    encoder = "random" if weights == "none" else "ImageNet" if weights == "imagenet" else weights
+    log(f"2/4 training MemSeg (64x64, mobilenet_v2 encoder: {encoder}; {iterations} iterations on the CPU, "
+        f"{threads} thread{'s' if threads > 1 else ''})")
+    t_step = time.monotonic()
+    ckpt = train(cfg, out / "run", progress=True, log=lambda *a: None)
+    log(f"    trained in {time.monotonic() - t_step:.0f} s; exporting the bundle (ONNX, checked against PyTorch)")
+    t_step = time.monotonic()
     bundle = export_bundle(ckpt, out / "bundle", log=lambda *a: None)
-    log(f"3/4 exported the bundle: {bundle}")
+    log(f"3/4 exported the bundle in {time.monotonic() - t_step:.0f} s: {bundle}")
 
     test_dir = data / DEMO_CATEGORY / "test"
     stream = out / "camera-frames"
@@ -114,9 +153,10 @@ def run_demo(out: str | Path, *, backbone_weights: str | None = None, iterations
     truth = {}
     for i, path in enumerate(sorted(test_dir.glob("*/*.png"), key=lambda p: (p.name, p.parent.name))):
         target = stream / f"{i:03d}_{path.parent.name}.png"
-        target.write_bytes(path.read_bytes())
+        cv2.imwrite(str(target), cv2.resize(cv2.imread(str(path)), (FRAME_SIDE, FRAME_SIDE),
+                                            interpolation=cv2.INTER_CUBIC))
         truth[i] = path.parent.name
-    model = load_model(bundle, log=log)
+    model = load_model(bundle, threads=threads, log=log)
     config = RuntimeConfig(results="tcp://127.0.0.1:*", zmq=["tcp://127.0.0.1:*"], max_batch=4, max_wait_ms=5,
                            save_failures=str(out / "overlays"), save_passes=True, stats_every=0, heartbeat_s=0.5)
     runtime = Runtime(config, model, log=lambda m: None)

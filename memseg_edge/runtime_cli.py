@@ -381,19 +381,25 @@ def keys_cmd(folder, clients):
 @click.command("demo", context_settings={"max_content_width": 110})
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for everything the demo writes (default: ./memseg-demo-YYYYmmdd-HHMMSS).")
-@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="A local ImageNet MobileNetV2 state_dict; without it the encoder is random (no download).")
+@click.option("--backbone-weights", default=None, metavar="imagenet|FILE|none",
+              help="MobileNetV2 encoder weights: imagenet (default; torchvision's cache, else a download; offline the "
+                   "encoder is random and the demo says so), a local state_dict FILE, or none.")
 @click.option("--iterations", type=click.IntRange(min=1), default=150, show_default=True,
               help="Training iterations.")
-def demo_cmd(out_dir, backbone_weights, iterations):
-    """The whole line on this machine, no data, GPU or network needed: a synthetic product, a small model
-    trained on it, and the runtime judging test frames sent by a camera station over ZeroMQ to a
-    listening PLC gateway. About a minute on a laptop CPU."""
+@threads_option
+def demo_cmd(out_dir, backbone_weights, iterations, threads):
+    """The whole line on this machine, no data or GPU needed: a synthetic product, a small model trained
+    on it, and the runtime judging test frames sent by a camera station over ZeroMQ to a listening PLC
+    gateway. About 100 s on 2 CPU cores while another job keeps them busy (measured; training is most of
+    it, with a progress bar)."""
     from .demo import run_demo
 
+    if backbone_weights not in (None, "imagenet", "none") and not Path(backbone_weights).is_file():
+        raise click.BadParameter(f"{backbone_weights} is not a file (nor imagenet or none)",
+                                 param_hint="--backbone-weights")
     out = Path(out_dir) if out_dir else Path.cwd() / time.strftime("memseg-demo-%Y%m%d-%H%M%S")
     try:
-        run_demo(out, backbone_weights=backbone_weights, iterations=iterations, log=click.echo)
+        run_demo(out, backbone_weights=backbone_weights, iterations=iterations, threads=threads, log=click.echo)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
 
