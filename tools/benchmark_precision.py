@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """FP32 / FP16 / INT8 variants of one bundle, side by side, with onnxruntime on the CPU: accuracy on the
 test images (the same evaluation as ``memseg-edge eval``), file size, median latency at batch 1 and
 throughput at batch 8. All variants are timed in the same process, interleaved round by round, so their

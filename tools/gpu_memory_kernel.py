@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """The fused memory-bank kernel on an NVIDIA GPU, in one run (issue 4): compile, check, time.
 
 1. Compiles ``memseg_edge/kernels/memory_argmin_l2.cu`` to PTX for this GPU (NVRTC via cuda-python,
