@@ -520,6 +520,8 @@ def synth_preview(data_root, category, layout, test_dir, mask_dir, out_file, tex
 from .runtime_cli import register as _register_runtime_commands  # noqa: E402
 
 _register_runtime_commands(main)
+from .plant_cli import register as _register_plant_commands  # noqa: E402  (plc-gateway, opcua-cert, hmi)
+_register_plant_commands(main)
 
 if __name__ == "__main__":
     sys.exit(main())
