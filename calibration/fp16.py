@@ -1,7 +1,7 @@
 """FP16 conversion: a bundle's ``model.onnx`` -> ``model.fp16.onnx``.
 
 TensorRT's strongly typed networks (TensorRT 11, TensorRT-RTX) run each tensor in the type the ONNX
-file gives it, so FP16 is a property of the file (DESIGN.md, "Engines"). Weights and activations
+file gives it, so FP16 is a property of the file (docs/architecture.md, "Engines"). Weights and activations
 become float16; the parts that need float32 keep it, with a Cast wherever an FP32 island meets FP16:
 
 * the same kept groups as INT8 (``calibration.int8.kept_fp32_nodes``): the input normalisation, the

@@ -1,6 +1,6 @@
 """INT8 calibration: a bundle's ``model.onnx`` -> ``model.int8.onnx`` with explicit Q/DQ nodes.
 
-TensorRT 10/11 take INT8 only from QuantizeLinear/DequantizeLinear pairs in the ONNX file (DESIGN.md,
+TensorRT 10/11 take INT8 only from QuantizeLinear/DequantizeLinear pairs in the ONNX file (docs/architecture.md,
 "Engines"), so precision is decided here, once, and every runtime (onnxruntime on a CPU included) runs
 the same graph. onnxruntime's ``quantize_static`` inserts the pairs: QDQ format, int8 activations and
 weights, symmetric (zero points 0, which TensorRT requires), weights per output channel, biases left in

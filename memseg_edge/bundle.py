@@ -1,4 +1,4 @@
-"""The model bundle (DESIGN.md): a folder with ``model.onnx`` (and precision variants
+"""The model bundle (docs/architecture.md): a folder with ``model.onnx`` (and precision variants
 ``model.fp16.onnx``, ``model.int8.onnx``) plus ``model.json``. Reading it never needs torch."""
 from __future__ import annotations
 

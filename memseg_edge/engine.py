@@ -1,6 +1,6 @@
 """Build a TensorRT engine from a model bundle, and check an engine before loading it.
 
-One code path serves both TensorRT flavours (DESIGN.md, "Engines"):
+One code path serves both TensorRT flavours (docs/architecture.md, "Engines"):
 
 * ``tensorrt`` (full TensorRT 10.x / 11.x: Jetson, data centre, desktop GPUs). Builds on the GPU that
   will run the engine; the engine is tied to that GPU model and TensorRT version.
@@ -267,7 +267,7 @@ def _slug(text: str) -> str:
 
 
 def default_engine_name(precision: str, flavour: str, device: dict | None) -> str:
-    """``model.<gpu>.<precision>.engine`` (DESIGN.md); ``rtx`` in place of the GPU for a TensorRT-RTX engine,
+    """``model.<gpu>.<precision>.engine`` (docs/architecture.md); ``rtx`` in place of the GPU for a TensorRT-RTX engine,
     which runs on every GPU it targets."""
     tag = "rtx" if flavour == "tensorrt-rtx" else _slug(device["name"] if device else "gpu")
     return f"model.{tag}.{precision}.engine"

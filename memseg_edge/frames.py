@@ -1,4 +1,4 @@
-"""Frames in (DESIGN.md, "Frames in"): the one definition of the frame message, its checks and decoding.
+"""Frames in (docs/architecture.md, "Frames in"): the one definition of the frame message, its checks and decoding.
 
 A frame is a two-part ZeroMQ message ``[header, payload]``. Header: UTF-8 JSON object with ``v`` (1),
 ``camera``, ``frame_id``, ``ts`` (seconds since the epoch, float), ``width``, ``height``, ``encoding``

@@ -1,6 +1,6 @@
 """TensorRT plugin ``memseg::MemoryArgminL2`` version 1: the fused memory-bank kernel as an IPluginV3,
 written with TensorRT's class-based Python plugin API (TensorRT >= 10.0, TensorRT 11, TensorRT-RTX;
-the decorator API ``tensorrt.plugin`` is 10.6+ and absent from TensorRT-RTX, see DESIGN.md).
+the decorator API ``tensorrt.plugin`` is 10.6+ and absent from TensorRT-RTX, see docs/architecture.md).
 
 Build half (runs on a CPU-only machine with TensorRT-RTX): output shapes (diffs like the features,
 index ``[N]`` or ``[N, L]``), types (float32 or float16 in and out, all alike; index int32), linear

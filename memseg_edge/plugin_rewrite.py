@@ -135,7 +135,7 @@ def rewrite_model(model, memory: dict[str, Any], selection: str = "sum", io_dtyp
     graph.value_info.extend(keep_vi)
     if not any(o.domain == PLUGIN_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
-    out.ir_version = min(out.ir_version, 10)  # onnxruntime 1.31 refuses IR 14 (DESIGN.md, Pitfalls)
+    out.ir_version = min(out.ir_version, 10)  # onnxruntime 1.31 refuses IR 14 (docs/architecture.md, Pitfalls)
     onnx.checker.check_model(out)
     return out
 

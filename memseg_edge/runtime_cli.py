@@ -256,7 +256,7 @@ def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, coun
       memseg-edge camera --images test_images/ --publish 5555 --encoding png --fps 5
       memseg-edge camera --video shift.mp4 --publish ipc:///tmp/frames --loop
 
-    Frames are [header, payload] (DESIGN.md "Frames in"); frame_id counts from 0. Frames queue until
+    Frames are [header, payload] (docs/architecture.md "Frames in"); frame_id counts from 0. Frames queue until
     the runtime is reachable, and ZeroMQ reconnects by itself when the runtime restarts.
     """
     from .sources import open_capture, publish_frames

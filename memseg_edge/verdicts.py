@@ -1,4 +1,4 @@
-"""Verdicts out (DESIGN.md, "Verdicts out"): the one definition of the messages a PLC gateway reads.
+"""Verdicts out (docs/architecture.md, "Verdicts out"): the one definition of the messages a PLC gateway reads.
 
 Pattern: pub-sub with sequence numbers and heartbeats (the ZeroMQ guide's "Clone"/heartbeat
 patterns). Each message is ``[topic, body]``; topic ``verdict.<camera>`` or ``heartbeat``; body UTF-8

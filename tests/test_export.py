@@ -1,4 +1,4 @@
-"""The model bundle: a valid ONNX graph with the DESIGN.md contract, dynamic batch, the named memory
+"""The model bundle: a valid ONNX graph with the docs/architecture.md contract, dynamic batch, the named memory
 subgraph, model.json, and parity with the PyTorch checkpoint on real bottle test images."""
 from __future__ import annotations
 

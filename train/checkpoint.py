@@ -1,4 +1,4 @@
-"""The checkpoint boundary (DESIGN.md): one ``.pt`` file that ``torch.load(weights_only=True)`` reads,
+"""The checkpoint boundary (docs/architecture.md): one ``.pt`` file that ``torch.load(weights_only=True)`` reads,
 with the weights (memory bank included, as buffers), the resolved config, image size and normalisation,
 the decision threshold and its rule, and the hash of the training image list."""
 from __future__ import annotations

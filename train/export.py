@@ -1,4 +1,4 @@
-"""Checkpoint -> model bundle (DESIGN.md): ``model.onnx`` + ``model.json``.
+"""Checkpoint -> model bundle (docs/architecture.md): ``model.onnx`` + ``model.json``.
 
 The graph takes RGB uint8 ``image [N, H, W, 3]`` (resized on the host by ``memseg_edge.preprocess``),
 converts and normalises inside (so the GPU does it on a device, and nothing can drift from training),

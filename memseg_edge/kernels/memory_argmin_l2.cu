@@ -1,4 +1,4 @@
-// MemSeg's memory-bank step, fused (issue 4; DESIGN.md "Fused kernel").
+// MemSeg's memory-bank step, fused (issue 4; docs/architecture.md "Fused kernel").
 //
 // Per level l (up to 3): features x_l [N, D_l] and bank b_l [M, D_l] (D_l = C_l * H_l * W_l, row major,
 // i.e. NCHW flattened). Outputs: idx [N] (selection "sum": argmin_m sum_l |x_l[n] - b_l[m]|^2) or [N, L]
