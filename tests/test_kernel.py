@@ -1,11 +1,14 @@
-"""The fused memory-bank kernel (memseg_edge.kernels): PTX for the target GPUs, the cache, the launch
-plan against the PTX's signatures, and the numpy reference held equal to the exported standard-op
-subgraph (onnxruntime) and to train.memory.MemoryBank (torch). The kernel's numerics against the
-reference need a GPU (marked ``gpu``; tools/gpu_memory_kernel.py does it with timings)."""
+"""The fused memory-bank kernel (memseg_edge.kernels): cubin + PTX for the target GPUs, the cache keyed by
+compiler version, which image a driver can load, the launch plan for every tile (replayed block by block
+in numpy, memseg_edge.kernels.emulate) against the kernel's signatures and the reference, and the numpy
+reference held equal to the exported standard-op subgraph (onnxruntime) and to train.memory.MemoryBank
+(torch). The kernel's numerics need a GPU (marked ``gpu``; tools/gpu_check.py does it with timings)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +17,56 @@ import pytest
 from memseg_edge import kernels
 from memseg_edge.cuda_env import cuda_device
 from memseg_edge.kernels import compile as kc
+from memseg_edge.kernels.emulate import PlanError, emulate
 from memseg_edge.kernels.reference import memory_step
 
-TARGETS = ("sm_87", "sm_89", "sm_90")   # Jetson Orin, Ada, Hopper; sm_72 (Xavier) below
+TARGETS = ("sm_72", "sm_87", "sm_89", "sm_90")   # Jetson Xavier (CUDA 12 NVRTC), Orin, Ada, Hopper
+PARAM_BYTES = {"u64": 8, "s64": 8, "b64": 8, "u32": 4, "s32": 4, "b32": 4}
 
 
-def _have_compiler() -> bool:
+def _have_nvrtc_13() -> bool:
     try:
-        from cuda.bindings import nvrtc  # noqa: F401
-        return True
-    except ImportError:
-        return kc.nvcc_path() is not None
+        from cuda.bindings import nvrtc
+        return int(nvrtc.nvrtcVersion()[1]) >= 13
+    except Exception:
+        return False
 
 
-needs_compiler = pytest.mark.skipif(not _have_compiler(),
-                                    reason="no CUDA compiler: pip install cuda-python (NVRTC) or install nvcc")
+def _have_nvrtc_12() -> bool:
+    return any(p.endswith((".so.12", ".so.11")) for p in kc._nvrtc_libraries())
+
+
+def _compiler_for(arch: str):
+    if arch == "sm_72":
+        return pytest.mark.skipif(not _have_nvrtc_12(), reason=(
+            "no CUDA 12 NVRTC for sm_72 (CUDA 13 dropped it): pip install nvidia-cuda-nvrtc-cu12 or set "
+            "MEMSEG_EDGE_NVRTC=/path/to/libnvrtc.so.12"))
+    return pytest.mark.skipif(not _have_nvrtc_13(), reason="no CUDA 13 NVRTC: pip install 'cuda-python>=13'")
 
 
 @pytest.fixture
 def kernel_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path / "cache" / "memseg-edge" / "kernels"
+
+
+_COMPILED: dict[str, kc.CompiledKernel] = {}
+
+
+def compiled(arch: str, tmp_path_factory) -> kc.CompiledKernel:
+    """One real compilation per architecture and test session (each takes NVRTC 10-30 s here)."""
+    if arch not in _COMPILED:
+        import os
+        old = os.environ.get("XDG_CACHE_HOME")
+        os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.getbasetemp() / "kernel_cache")
+        try:
+            _COMPILED[arch] = kc.compile_kernel(arch)
+        finally:
+            if old is None:
+                os.environ.pop("XDG_CACHE_HOME", None)
+            else:
+                os.environ["XDG_CACHE_HOME"] = old
+    return _COMPILED[arch]
 
 
 def _entries(ptx: str) -> dict[str, list[str]]:
@@ -45,72 +77,199 @@ def _entries(ptx: str) -> dict[str, list[str]]:
     return out
 
 
+def _cubin_sm(cubin: bytes) -> set[int]:
+    """The SM number an ELF cubin's e_flags name (CUDA 13 keeps it in bits 8-15, CUDA 12 in bits 0-7)."""
+    assert cubin[:4] == b"\x7fELF" and struct.unpack_from("<H", cubin, 18)[0] == 190   # EM_CUDA
+    flags = struct.unpack_from("<I", cubin, 48)[0]
+    return {(flags >> 8) & 0xFF, flags & 0xFF}
+
+
 # ------------------------------------------------------------------ compilation
 
 
-@needs_compiler
-@pytest.mark.parametrize("arch", TARGETS)
-def test_kernel_compiles_to_ptx_for_each_target(kernel_cache, arch):
-    k = kc.compile_ptx(arch)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=_compiler_for(a)) for a in TARGETS])
+def test_kernel_compiles_to_a_cubin_and_ptx_for_each_target(tmp_path_factory, arch):
+    k = compiled(arch, tmp_path_factory)
     text = k.ptx.decode()
     assert re.search(rf"^\.target {arch}\b", text, re.M), text[:400]
     assert set(_entries(text)) == set(kernels.ENTRY_POINTS)
-    assert not k.cached and k.path.is_file() and k.path.parent == kernel_cache
+    assert k.cubin is not None and int(arch[3:]) in _cubin_sm(k.cubin)
+    assert k.version[0] == (12 if arch == "sm_72" else 13)
+    assert k.path.name.endswith(f"-{arch}-{k.compiler.split()[0]}{k.version[0]}.{k.version[1]}.ptx")
+    assert Path(str(k.path)[:-len(".ptx")] + ".cubin").read_bytes() == k.cubin
+    assert k.ptx_isa.startswith("9." if k.version[0] == 13 else "8.")
 
 
-def test_sm_72_for_jetson_xavier(kernel_cache):
-    """CUDA 13's NVRTC and nvcc dropped sm_72; a CUDA 12 NVRTC (nvidia-cuda-nvrtc-cu12, or MEMSEG_EDGE_NVRTC)
-    still targets it."""
-    if not any("so.12" in p or "so.11" in p for p in kc._nvrtc_libraries()):
-        pytest.skip("no CUDA 12 NVRTC for sm_72 (CUDA 13 dropped it): pip install nvidia-cuda-nvrtc-cu12 or set "
-                    "MEMSEG_EDGE_NVRTC=/path/to/libnvrtc.so.12")
-    k = kc.compile_ptx("sm_72")
-    assert re.search(r"^\.target sm_72\b", k.ptx.decode(), re.M)
-    assert set(_entries(k.ptx.decode())) == set(kernels.ENTRY_POINTS)
+def _fake_compiler(version, calls):
+    def run(src, arch):
+        calls.append((version, arch))
+        return f".version 9.0\n.target {arch}\n// fake {version}\n".encode(), b"\x7fELF fake"
+    return kc._Compiler("nvrtc", version, run)
 
 
-@needs_compiler
-def test_second_compile_hits_the_cache_keyed_by_source_and_arch(kernel_cache, monkeypatch):
-    first = kc.compile_ptx("8.9")
-    again = kc.compile_ptx("sm_89")
-    assert again.cached and again.compiler == "cache" and again.ptx == first.ptx and again.path == first.path
-    assert not kc.compile_ptx("sm_90").cached
+def test_cache_is_keyed_by_source_arch_and_compiler_version(kernel_cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kc, "_available_compilers", lambda: ([_fake_compiler((13, 0), calls)], []))
+    first = kc.compile_kernel("8.9")
+    again = kc.compile_kernel("sm_89")
+    assert not first.cached and again.cached and again.ptx == first.ptx and again.cubin == first.cubin
+    assert again.version == (13, 0) and calls == [((13, 0), "sm_89")]
+    assert not kc.compile_kernel("sm_90").cached
+    # An NVRTC upgrade never reuses the old images.
+    monkeypatch.setattr(kc, "_available_compilers", lambda: ([_fake_compiler((13, 1), calls)], []))
+    upgraded = kc.compile_kernel("sm_89")
+    assert not upgraded.cached and upgraded.version == (13, 1) and b"(13, 1)" in upgraded.ptx
     edited = kc.kernel_source() + b"\n// edited\n"
     monkeypatch.setattr(kc, "kernel_source", lambda: edited)
-    changed = kc.compile_ptx("sm_89")
-    assert not changed.cached and changed.path != first.path
-    assert len(list(kernel_cache.glob("*.ptx"))) == 3
+    assert not kc.compile_kernel("sm_89").cached
+    assert len(list(kernel_cache.glob("*.ptx"))) == 4 and len(list(kernel_cache.glob("*.cubin"))) == 4
+    # A device without any compiler takes what the cache holds.
+    monkeypatch.setattr(kc, "_available_compilers", lambda: ([], []))
+    monkeypatch.setattr(kc, "kernel_source", lambda: edited)
+    assert kc.compile_kernel("sm_89").cached
+
+
+def test_compilers_newer_than_the_driver_are_tried_last(kernel_cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kc, "_available_compilers",
+                        lambda: ([_fake_compiler((13, 0), calls), _fake_compiler((12, 6), calls)], []))
+    k = kc.compile_kernel("sm_87", max_version=(12, 8))
+    assert k.version == (12, 6) and calls == [((12, 6), "sm_87")]
+    assert kc.compile_kernel("sm_87").cached                          # any installed compiler's cached image
+    assert kc.compile_kernel("sm_87", use_cache=False).version == (13, 0)   # a fresh compile: the first
 
 
 def test_without_any_compiler_the_error_says_what_to_install(kernel_cache, monkeypatch):
-    for name in ("_nvrtc_cuda_python", "_nvrtc_ctypes", "_nvcc"):
-        monkeypatch.setattr(kc, name, lambda src, arch: None)
+    monkeypatch.setattr(kc, "_available_compilers", lambda: ([], []))
     with pytest.raises(kc.KernelCompileError, match="pip install"):
-        kc.compile_ptx("sm_87")
+        kc.compile_kernel("sm_87")
 
 
-@needs_compiler
+def _kernel(version, arch="sm_90", cubin=b"\x7fELF"):
+    return kc.CompiledKernel(b".version 9.0\n.target sm_90\n", cubin, arch, Path("/tmp/k.ptx"), False,
+                             f"nvrtc {version[0]}.{version[1]}", version)
+
+
+def test_the_driver_gets_the_cubin_then_ptx_it_can_load_else_a_clear_error():
+    assert kc.choose_image(_kernel((13, 0)), "sm_90", (13, 0)) == (b"\x7fELF", "cubin")
+    assert kc.choose_image(_kernel((12, 9)), "9.0", (13, 0))[1] == "cubin"
+    assert kc.choose_image(_kernel((13, 0), arch="sm_89"), "sm_90", (13, 1))[1] == "ptx"   # other arch: JIT
+    assert kc.choose_image(_kernel((12, 6), cubin=None), "sm_87", (12, 6))[1] == "ptx"
+    with pytest.raises(kc.KernelLoadError) as err:
+        kc.choose_image(_kernel((13, 0)), "sm_87", (12, 6))
+    msg = str(err.value)
+    assert "PTX ISA 9.0" in msg and "CUDA 12.6" in msg and "newer than this driver" in msg
+    assert "nvidia-cuda-nvrtc-cu12==12.6.*" in msg and "sm_87 cubin" in msg
+    with pytest.raises(kc.KernelLoadError):   # a cubin from a newer major toolkit does not load either
+        kc.choose_image(_kernel((13, 0)), "sm_90", (12, 8))
+
+
+# ------------------------------------------------------------------ the launch plan
+
+
+@pytest.mark.skipif(not _have_nvrtc_13(), reason="no CUDA 13 NVRTC: pip install 'cuda-python>=13'")
 @pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("selection", ["sum", "per_level"])
-def test_launch_plan_matches_the_kernel_signatures(kernel_cache, half, selection):
-    params = _entries(kc.compile_ptx("sm_87").ptx.decode())
-    step = kernels.MemoryStep(((24, 16, 16), (32, 8, 8), (96, 4, 4)), 30, selection)
-    size = {"u64": 8, "s64": 8, "b64": 8, "u32": 4, "s32": 4, "b32": 4}
-    launches = kernels.plan_launches(step, 11, half, [1, 2, 3], [4, 5, 6], [7, 8, 9], 10, 11)
-    assert [launch.kernel for launch in launches] == [
-        f"memseg_partial_l2_{'f16' if half else 'f32'}", "memseg_select", f"memseg_diff_{'f16' if half else 'f32'}"]
-    for launch in launches:
-        want = [size[t] for t in params[launch.kernel]]
-        got = [__import__("ctypes").sizeof(t) for _, t in launch.args]
-        assert got == want, launch.kernel
-    partial, select, diff = launches
-    chunks = sum(step.chunks)
-    assert partial.grid == (30, chunks, 2)             # every sample x every chunk x ceil(11 / TILE) tiles
-    assert select.grid == (11, 1, 1) and diff.grid == (chunks, 11, 1)
-    assert chunks == sum(-(-d // kernels.CHUNK) for d in step.sizes)
-    assert step.workspace_bytes(11) == 4 * 11 * 30 * chunks
-    assert step.index_shape(11) == ((11, 3) if selection == "per_level" else (11,))
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 9, 32])   # tiles 1, 2, 4, 8, 16, 32
+def test_launch_plan_matches_the_kernel_signatures(tmp_path_factory, half, batch):
+    params = _entries(compiled("sm_87", tmp_path_factory).ptx.decode())
+    for selection in ("sum", "per_level"):
+        step = kernels.MemoryStep(((24, 16, 16), (32, 8, 8), (96, 4, 4)), 30, selection)
+        launches = kernels.plan_launches(step, batch, half, [16, 32, 48], [64, 80, 96], [112, 128, 144], 160, 176)
+        io = "f16" if half else "f32"
+        assert [launch.kernel for launch in launches] == [f"memseg_l2_{io}_t{kernels.choose_tile(batch)}",
+                                                          f"memseg_select_diff_{io}"]
+        for launch in launches:
+            assert [ctypes.sizeof(t) for _, t in launch.args] == [PARAM_BYTES[t] for t in params[launch.kernel]]
+            assert launch.block == (kernels.kernel_constants()["BLOCK"], 1, 1)
 
+
+def test_every_batch_gets_the_smallest_tile_and_reads_the_bank_once_up_to_32():
+    tiles = {b: kernels.choose_tile(b) for b in range(1, 65)}
+    assert set(tiles.values()) == set(kernels.TILES)
+    assert all(t >= min(b, 32) and (t == 1 or t // 2 < min(b, 32)) for b, t in tiles.items())
+    step = kernels.MemoryStep(((64, 64, 64), (128, 32, 32), (256, 16, 16)), 30)   # ResNet18 at 256
+    for batch in range(1, 65):
+        for half in (False, True):
+            g = kernels.plan_geometry(step, batch, half)
+            assert g.tiles == (1 if batch <= 32 else 2)
+            assert g.n_parts <= step.max_parts and g.samples_per_group * g.tile <= 1024
+            assert g.launch1_blocks >= 132, (batch, half, g)   # at least one block per SM of an H200
+    assert set(kernels.kernel_constants()["ROWS"]) == set(kernels.TILES)
+
+
+SHAPES_ODD = [((3, 5, 7),), ((3, 5, 7), (8, 4, 4)), ((24, 16, 16), (32, 8, 8), (96, 4, 4)),
+              ((1, 1, 1), (2, 3, 1), (5, 1, 3))]
+
+
+def _tie_nan_data(levels, samples, batch, dtype, rng):
+    """Integer-valued data (every distance exact in float32), a duplicate sample (exact ties), and a NaN in
+    the first image's features."""
+    banks = [rng.integers(-3, 4, (samples, *lv)).astype(dtype) for lv in levels]
+    if samples > 2:
+        for b in banks:
+            b[samples // 2] = b[1]
+    pick = rng.integers(0, samples, batch)
+    feats = [bank[pick] + rng.integers(-1, 2, (batch, *lv)) * (rng.random((batch, *lv)) < 0.2)
+             for bank, lv in zip(banks, levels)]
+    feats = [f.astype(dtype) for f in feats]
+    if batch > 1:
+        feats[0][0].flat[0] = np.nan
+    return feats, banks
+
+
+@pytest.mark.parametrize("levels", SHAPES_ODD, ids=lambda lv: "x".join(str(len(lv))) + "levels")
+@pytest.mark.parametrize("samples", [1, 30, 129])
+@pytest.mark.parametrize("selection", ["sum", "per_level"])
+def test_the_plan_replayed_block_by_block_is_the_reference_for_every_tile(levels, samples, selection):
+    rng = np.random.default_rng(samples + len(levels))
+    step = kernels.MemoryStep(levels, samples, selection)
+    for batch in (1, 2, 3, 5, 9, 17, 33):    # tiles 1 to 32, and two tiles of 32
+        for dtype in (np.float32, np.float16):
+            feats, banks = _tie_nan_data(levels, samples, batch, dtype, rng)
+            diffs, index = emulate(step, feats, banks, sm_count=132 if batch % 2 else 16)
+            ref_diffs, ref_index = memory_step(feats, banks, selection, dtype=np.float64)
+            np.testing.assert_array_equal(index, ref_index)
+            for got, ref in zip(diffs, ref_diffs):
+                np.testing.assert_array_equal(got, ref)
+
+
+def test_nan_and_tie_semantics_are_the_reference_definition():
+    bank = [np.array([[3.0], [1.0], [1.0], [np.nan], [0.5]], np.float32).reshape(5, 1, 1, 1)]
+    x = [np.array([[1.0], [0.75], [np.nan]], np.float32).reshape(3, 1, 1, 1)]
+    _, index = memory_step(x, bank)
+    assert list(index) == [3, 3, 0]     # the NaN sample wins for every image; a NaN image picks sample 0
+    clean = [bank[0][[0, 1, 2, 4]]]
+    _, index = memory_step([x[0][:2]], clean)
+    assert list(index) == [1, 1]        # exact ties (1 = 2; 1, 2 and 4 for 0.75): the lowest index
+    step = kernels.MemoryStep(((1, 1, 1),), 5)
+    assert list(emulate(step, x, bank)[1]) == [3, 3, 0]
+
+
+def test_a_plan_that_misses_elements_is_caught(monkeypatch):
+    """The replay is a real check: a geometry that leaves slabs or chunks out fails it."""
+    from dataclasses import replace
+
+    step = kernels.MemoryStep(((16, 64, 64), (8, 4, 4)), 4)
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((1, *lv)).astype(np.float32) for lv in step.levels]
+    banks = [rng.standard_normal((4, *lv)).astype(np.float32) for lv in step.levels]
+    real = kernels.plan_geometry
+    g = real(step, 1, False, 1)
+    assert g.slabs_per_part > 1 and g.chunks[0] > 1
+    emulate(step, feats, banks, sm_count=1)
+    for broken in (replace(g, slabs_per_part=1), replace(g, chunks=(g.chunks[0] - 1, *g.chunks[1:]))):
+        monkeypatch.setattr(kernels, "plan_geometry", lambda *a, _g=broken, **k: _g)
+        with pytest.raises(PlanError, match="unevenly"):
+            emulate(step, feats, banks, sm_count=1)
+
+
+def test_vector_loads_only_where_rows_and_pointers_are_16_byte_aligned():
+    step = kernels.MemoryStep(((3, 5, 7), (8, 4, 4), (4, 2, 2)), 4)    # 105, 128, 16 elements
+    assert kernels.vector_mask(step, False, [[0, 16, 32], [48, 64, 80]]) == 0b110
+    assert kernels.vector_mask(step, True, [[0, 16, 32]]) == 0b110       # 16 halves: one vector
+    assert kernels.vector_mask(step, False, [[0, 20, 32]]) == 0b100      # level 1 pointer misaligned
+    launches = kernels.plan_launches(step, 2, False, [0, 16, 36], [48, 64, 80], [96, 112, 128], 144, 160)
+    assert [int(v) for v, _ in launches[0].args][15] == 0b010 and [int(v) for v, _ in launches[1].args][18] == 0b010
 
 # ------------------------------------------------------------------ the reference
 
@@ -136,7 +295,7 @@ def make_memory_bundle(tmp_path_factory) -> Path:
         "data.root": str(data), "data.category": "widget", "data.image_size": 64, "data.holdout_fraction": 0.2,
         "model.backbone": "mobilenet_v2", "model.backbone_weights": "none", "model.memory_samples": 4,
         "train.iterations": 1, "train.batch_size": 2, "train.num_workers": 0, "train.warmup_iterations": 1,
-        "train.checkpoint_every": 0})
+        "train.checkpoint_every": 0, "synthesis.textures": "none"})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ckpt = train(cfg, root / "run", progress=False, log=lambda *a: None)
@@ -255,7 +414,8 @@ def test_reference_keeps_fp16_and_can_return_exact_diffs():
 
 def _gpu_check(selection: str, half: bool, batch: int):
     """Run the kernel through the plugin's launcher (cuda-python driver API) on random inputs, outputs poisoned
-    first; compare every element with the reference. Returns (max relative error, index equal)."""
+    first; compare every element with the reference. Returns (max relative error, index equal).
+    tools/gpu_check.py covers far more (odd shapes, ties, NaN, guard bytes, timings) in one run."""
     from cuda.bindings import driver
 
     def ok(res):

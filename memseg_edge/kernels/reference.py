@@ -4,6 +4,12 @@ that is held equal to the exported standard-op subgraph and to ``train.memory.Me
 Distances are summed directly as ``sum((x - b)^2)`` in float64 (the kernel sums the same terms in
 float32; the export expands ``|x|^2 - 2 x.b + |b|^2``): all three agree on the index unless two samples
 are closer than float32 rounding, and exactly on ties between identical samples.
+
+Selection, the kernel's too (memory_argmin_l2.cu): ties go to the lowest index, and a NaN distance counts
+as the smallest, as in ``np.argmin`` and ``torch.argmin`` (the first NaN wins). So a NaN anywhere in an
+image's features (of a level that is summed) selects sample 0, and a NaN in bank sample ``m`` makes every
+image select the first such ``m``; the NaN then shows in that image's diffs. The kernel sums in float32:
+where a distance overflows float32 (above ~3.4e38) it reads ``inf`` there and a finite value here.
 """
 from __future__ import annotations
 
