@@ -5,17 +5,32 @@ the decorator API ``tensorrt.plugin`` is 10.6+ and absent from TensorRT-RTX, see
 Build half (runs on a CPU-only machine with TensorRT-RTX): output shapes (diffs like the features,
 index ``[N]`` or ``[N, L]``), types (float32 or float16 in and out, all alike; index int32), linear
 formats, workspace (the partial sums), and the fields to serialise into the engine. Runtime half:
-``enqueue`` launches the kernel's three launches on TensorRT's stream through cuda-python's driver API
-(``memseg_edge.kernels.DriverLauncher``); the PTX for the device's architecture is compiled (or read
-from the cache) on the first enqueue in a process.
+``attach_to_context`` (TensorRT calls it when it creates an execution context, with that context's CUDA
+context current) compiles or reads the kernel from the cache and loads it into the CUDA context
+(``memseg_edge.kernels.DriverLauncher``, one per CUDA context), so a missing compiler or a driver too
+old for the PTX fails there, with the reason, and not inside the first inference. ``enqueue`` launches
+the kernel's two launches on TensorRT's stream; their packed parameters are cached per (batch, type,
+pointers), so a steady stream of calls does no launch planning and no ctypes packing.
 
-Use: ``build_engine(..., register_plugins=register_plugin)``; a runtime calls
-:func:`register_plugin` with its TensorRT module before it deserialises an engine whose sidecar lists
-``memseg::MemoryArgminL2``. ``CALL_LOG`` records the build-time calls (tests read it).
+A failure in ``attach_to_context`` or ``enqueue`` is logged with its traceback (logger
+``memseg_edge.plugin`` and stderr), kept in :func:`last_error`, and raised again: TensorRT turns it into
+a failed context creation or ``execute_async_v3`` returning False, and the log says why.
+
+Use: ``build_engine(..., register_plugins=register_plugin)``; a runtime calls :func:`register_plugin`
+with its TensorRT module before it deserialises an engine whose sidecar lists ``memseg::MemoryArgminL2``.
+``CALL_LOG`` records the build-time calls (tests read it). :func:`stand_in_trt` is a small stand-in for
+the TensorRT types the plugin touches, so its whole lifecycle can be driven without TensorRT (CI, and
+the GPU check on a machine without TensorRT).
 """
 from __future__ import annotations
 
+import enum
+import logging
+import sys
 import threading
+import traceback
+from collections import OrderedDict
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -28,15 +43,30 @@ PLUGIN_VERSION = "1"
 QUALIFIED_NAME = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 INT_FIELDS = ("levels", "channels", "heights", "widths", "samples")
 STRING_FIELDS = ("selection",)
+PREPARED_CACHE = 16          # packed launches kept per plugin instance (one per (batch, pointers) seen)
 
 CALL_LOG: list[tuple[str, dict[str, Any]]] = []
 _registered: dict[int, Any] = {}        # id(trt module) -> creator (the registry keeps a raw pointer only)
-_launchers: dict[Any, Any] = {}         # CUDA context -> DriverLauncher
+_launchers: dict[Any, Any] = {}         # CUDA context handle -> DriverLauncher
 _lock = threading.Lock()
+_last_error: list[str] = []
+log = logging.getLogger(__name__)
 
 
 def _record(call: str, **info: Any) -> None:
     CALL_LOG.append((call, info))
+
+
+def last_error() -> str | None:
+    """The traceback of the last failure in ``attach_to_context`` or ``enqueue`` in this process, or None."""
+    return _last_error[-1] if _last_error else None
+
+
+def _report(where: str, exc: BaseException) -> None:
+    text = f"{QUALIFIED_NAME} {where} failed: {exc}\n" + "".join(traceback.format_exception(exc))
+    _last_error[:] = [text]
+    log.error("%s", text)
+    print(text, file=sys.stderr, flush=True)
 
 
 def _field_value(field) -> Any:
@@ -65,13 +95,35 @@ def step_from_fields(fields: dict[str, Any]) -> MemoryStep:
                       int(fields["samples"][0]), str(fields["selection"]))
 
 
-def _launcher():
+def fields_of(step: MemoryStep) -> dict[str, Any]:
+    """:func:`step_from_fields`'s inverse: the fields a creator receives for ``step``."""
+    return {"levels": [len(step.levels)], "channels": [c for c, _, _ in step.levels],
+            "heights": [h for _, h, _ in step.levels], "widths": [w for _, _, w in step.levels],
+            "samples": [step.samples], "selection": step.selection}
+
+
+def _current_context() -> int:
+    """The current CUDA context's handle; the primary context is made current where none is (TensorRT's
+    runtime API uses the device's primary context)."""
     from cuda.bindings import driver
 
+    err, ctx = driver.cuCtxGetCurrent()
+    if int(err) == 0 and int(ctx):
+        return int(ctx)
+    from cuda.bindings import runtime
+
+    runtime.cudaFree(0)   # initialises the runtime on its current device: its primary context becomes current
+    err, ctx = driver.cuCtxGetCurrent()
+    if int(err) != 0 or not int(ctx):
+        raise RuntimeError(f"{QUALIFIED_NAME}: no current CUDA context ({err}); is there a CUDA GPU?")
+    return int(ctx)
+
+
+def _launcher():
+    """The kernel loaded into the current CUDA context (once per context and process)."""
     from .kernels import DriverLauncher
 
-    err, ctx = driver.cuCtxGetCurrent()
-    key = int(ctx) if int(err) == 0 else None
+    key = _current_context()
     with _lock:
         if key not in _launchers:
             _launchers[key] = DriverLauncher.for_current_device()
@@ -79,7 +131,7 @@ def _launcher():
 
 
 def plugin_classes(trt) -> tuple[type, type]:
-    """``(MemoryArgminL2Plugin, MemoryArgminL2Creator)`` for the TensorRT module ``trt``."""
+    """``(MemoryArgminL2Plugin, MemoryArgminL2Creator)`` for the TensorRT module ``trt`` (or :func:`stand_in_trt`)."""
 
     class MemoryArgminL2Plugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, fields: dict[str, Any] | None = None, phase=None):
@@ -94,15 +146,23 @@ def plugin_classes(trt) -> tuple[type, type]:
             self.phase = phase
             self.fields = dict(fields or {})
             self.step = step_from_fields(self.fields) if fields else None
+            # num_outputs lives on TensorRT's C++ side (not in __dict__): set it in every constructor.
             self.num_outputs = len(self.step.levels) + 1 if self.step else 4
+            self.batch = None
+            self._launcher = None
+            self._prepared: OrderedDict = OrderedDict()
 
         # ---------------------------------------------------------------- core
         def get_capability_interface(self, type):
             return self
 
         def clone(self):
-            twin = MemoryArgminL2Plugin()
-            twin.__dict__.update(self.__dict__)
+            # A fresh object from the fields (so num_outputs and the step are right for 1-3 levels), sharing
+            # the loaded module (per CUDA context, immutable) but not the packed launches (pointers differ).
+            twin = MemoryArgminL2Plugin(self.fields, self.phase)
+            twin.timing_cache_id = self.timing_cache_id
+            twin.batch = self.batch
+            twin._launcher = self._launcher
             return twin
 
         # ---------------------------------------------------------------- build
@@ -179,16 +239,40 @@ def plugin_classes(trt) -> tuple[type, type]:
             pass
 
         def attach_to_context(self, context):
-            return self.clone()
+            try:
+                twin = self.clone()
+                twin._launcher = _launcher()   # compile or read the cache, load the module: here, not in enqueue
+                return twin
+            except Exception as exc:
+                _report("attach_to_context", exc)
+                raise
 
-        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+        def launches_for(self, input_desc, inputs, outputs, workspace):
+            """The packed launches for these descriptors and pointers (cached; planned on a miss)."""
             n = len(self.step.levels)
             batch = int(input_desc[0].dims[0])
             half = input_desc[0].type == trt.DataType.HALF
-            launches = plan_launches(self.step, batch, half, [int(p) for p in inputs[:n]],
-                                     [int(p) for p in inputs[n:2 * n]], [int(p) for p in outputs[:n]],
-                                     int(outputs[n]), int(workspace))
-            _launcher().run(launches, int(stream))
+            key = (batch, half, tuple(int(p) for p in inputs[:2 * n]), tuple(int(p) for p in outputs[:n + 1]),
+                   int(workspace))
+            prepared = self._prepared.get(key)
+            if prepared is None:
+                if self._launcher is None:
+                    raise RuntimeError(f"{QUALIFIED_NAME}: enqueue before attach_to_context (no kernel loaded)")
+                launches = plan_launches(self.step, batch, half, key[2][:n], key[2][n:], key[3][:n], key[3][n],
+                                         key[4], sm_count=self._launcher.sm_count)
+                prepared = self._launcher.prepare(launches)
+                self._prepared[key] = prepared
+                if len(self._prepared) > PREPARED_CACHE:
+                    self._prepared.popitem(last=False)
+            return prepared
+
+        def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream):
+            try:
+                prepared = self.launches_for(input_desc, inputs, outputs, workspace)
+                self._launcher.run(prepared, int(stream))
+            except Exception as exc:
+                _report("enqueue", exc)
+                raise
 
     class MemoryArgminL2Creator(trt.IPluginCreatorV3One):
         def __init__(self):
@@ -219,3 +303,116 @@ def register_plugin(trt) -> list[str]:
                 raise RuntimeError(f"TensorRT refused to register the {QUALIFIED_NAME} plugin creator")
             _registered[id(trt)] = creator
     return [QUALIFIED_NAME]
+
+
+# ------------------------------------------------------------------------------------ stand-in for TensorRT
+
+
+def stand_in_trt():
+    """A module-like stand-in for the TensorRT types the plugin touches (no TensorRT, no GPU needed): the
+    plugin base classes, ``DataType``, ``TensorFormat``, ``PluginField(Collection)``, ``DimsExprs``, a plugin
+    registry, and ``desc`` / ``dynamic_desc`` to make the descriptors TensorRT would pass. Like TensorRT's
+    own binding, ``num_outputs`` is held outside the Python object's ``__dict__`` (on the "C++ side")."""
+
+    class DataType(enum.Enum):
+        FLOAT = 0
+        HALF = 1
+        INT8 = 2
+        INT32 = 3
+
+        def __str__(self):
+            return f"DataType.{self.name}"
+
+    class TensorFormat(enum.Enum):
+        LINEAR = 0
+        CHW32 = 1
+
+        def __str__(self):
+            return f"TensorFormat.{self.name}"
+
+    class PluginFieldType(enum.Enum):
+        INT32 = 0
+        CHAR = 1
+
+    class TensorRTPhase(enum.Enum):
+        BUILD = 0
+        RUNTIME = 1
+
+    native: dict[int, int] = {}   # id(plugin) -> num_outputs: not in __dict__, so a __dict__ copy misses it
+
+    class IPluginV3:
+        def __init__(self):
+            pass
+
+    class IPluginV3OneCore:
+        def __init__(self):
+            pass
+
+    class IPluginV3OneBuild:
+        def __init__(self):
+            pass
+
+        @property
+        def num_outputs(self):
+            return native.get(id(self), 0)
+
+        @num_outputs.setter
+        def num_outputs(self, value):
+            native[id(self)] = int(value)
+
+    class IPluginV3OneRuntime:
+        def __init__(self):
+            pass
+
+    class IPluginCreatorV3One:
+        def __init__(self):
+            pass
+
+    class PluginField:
+        def __init__(self, name, data=None, type=None):
+            self.name, self.data, self.type = name, data, type
+
+    class PluginFieldCollection(list):
+        pass
+
+    class Expr:
+        def __init__(self, value=None):
+            self.value = value
+
+        def is_constant(self):
+            return self.value is not None
+
+        def get_constant_value(self):
+            return self.value
+
+    class DimsExprs(list):
+        def __init__(self, arg=0):
+            super().__init__(list(arg) if not isinstance(arg, int) else [Expr() for _ in range(arg)])
+
+    class ExprBuilder:
+        def constant(self, value):
+            return Expr(int(value))
+
+    class Registry:
+        def __init__(self):
+            self.creators = []
+
+        def register_creator(self, creator, namespace):
+            self.creators.append((namespace, creator))
+            return True
+
+    registry = Registry()
+
+    def desc(dims, dtype, fmt=None):
+        return SimpleNamespace(dims=list(dims), type=dtype, format=fmt or TensorFormat.LINEAR)
+
+    def dynamic_desc(dims, dtype, min_dims=None, max_dims=None):
+        return SimpleNamespace(desc=desc(dims, dtype), min=list(min_dims or dims), max=list(max_dims or dims),
+                               opt=list(max_dims or dims))
+
+    return SimpleNamespace(
+        DataType=DataType, TensorFormat=TensorFormat, PluginFieldType=PluginFieldType, TensorRTPhase=TensorRTPhase,
+        IPluginV3=IPluginV3, IPluginV3OneCore=IPluginV3OneCore, IPluginV3OneBuild=IPluginV3OneBuild,
+        IPluginV3OneRuntime=IPluginV3OneRuntime, IPluginCreatorV3One=IPluginCreatorV3One, PluginField=PluginField,
+        PluginFieldCollection=PluginFieldCollection, DimsExprs=DimsExprs, Expr=Expr, ExprBuilder=ExprBuilder,
+        get_plugin_registry=lambda: registry, desc=desc, dynamic_desc=dynamic_desc, __name__="stand_in_trt")
