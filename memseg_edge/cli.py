@@ -76,6 +76,11 @@ def main():
       memseg-edge export runs/NAME --out bundles/NAME
       memseg-edge calibrate bundles/NAME --images ROOT/NAME/train/good --fp16
       memseg-edge build-engine bundles/NAME --precision int8 --out NAME.int8.engine
+      memseg-edge predict bundles/NAME IMAGES... --out predictions/
+
+    \b
+    Or from checkpoint to engine in one step (export and calibration as needed):
+      memseg-edge build-engine runs/NAME --precision int8 --images ROOT/NAME/train/good
     """
 
 

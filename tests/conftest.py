@@ -8,6 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
+from memseg_edge.threads import apply_threads
+
+# Before any test module imports torch: with one thread per core, PyTorch and onnxruntime crawl as soon as
+# another process shares the cores (docs/architecture.md, "CPU threads"); OMP_NUM_THREADS still wins.
+apply_threads()
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MVTEC = SHARED / "data" / "mvtec_ad"
 DTD = SHARED / "data" / "dtd" / "images"
