@@ -324,7 +324,8 @@ class Guarded:
         return self.raw[self.start:self.start + self.nbytes]
 
     def upload(self, arr: np.ndarray) -> "Guarded":
-        self.body().copy_(self.torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).reshape(-1)))
+        src = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+        self.body().copy_(self.torch.from_numpy(src if src.flags.writeable else src.copy()))
         return self
 
     def fill_bytes(self, pattern: bytes) -> "Guarded":
@@ -780,8 +781,10 @@ def section_model(run: Run, state: dict[str, Any]) -> dict[str, Any]:
             model.memory.fill([torch.randn_like(b) for b in model.memory.banks()])
         standard_forward = model.memory.forward
         step = kernels.MemoryStep(tuple(SHAPES[backbone]), model.memory.banks()[0].shape[0], model.memory.selection)
+        # channels_last reaches the 4-D bank buffers too; the kernel reads NCHW rows: contiguous copies, once.
+        nchw_banks = [b.contiguous() for b in model.memory.banks()]
 
-        def fused_forward(feats, _step=step, _banks=model.memory.banks()):
+        def fused_forward(feats, _step=step, _banks=nchw_banks):
             feats = [f.contiguous() for f in feats]
             n = feats[0].shape[0]
             outs = [torch.empty_like(f) for f in feats]

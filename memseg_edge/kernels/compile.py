@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -372,7 +372,3 @@ def choose_image(kernel: CompiledKernel, device_arch: str, driver_version: Versi
         f"than the driver: pip install 'nvidia-cuda-nvrtc-cu{drv[0]}=={drv[0]}.{drv[1]}.*' (or point "
         f"MEMSEG_EDGE_NVRTC at that libnvrtc.so.{drv[0]}).")
 
-
-def with_replaced(kernel: CompiledKernel, **changes) -> CompiledKernel:
-    """A copy of ``kernel`` with fields changed (tests, and the GPU check's driver-mismatch probe)."""
-    return replace(kernel, **changes)
