@@ -154,7 +154,47 @@ def opcua_cert_cmd(folder, clients, host, days):
             click.echo(f"{path}")
 
 
+@click.command("hmi", context_settings={"max_content_width": 110})
+@click.option("--results", required=True, metavar="ENDPOINT",
+              help="The runtime's verdict endpoint (its --results). " + ENDPOINT_HELP)
+@click.option("--previews", required=True, metavar="ENDPOINT", help="The runtime's preview endpoint (its --previews).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="HTTP port of the page.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface the page is served on (0.0.0.0: the panel PC is another machine).")
+@click.option("--stale-ms", type=click.FloatRange(min=10), default=3000.0, show_default=True,
+              help="No heartbeat for this long: the screen says the runtime is silent.")
+@_curve_client_options
+def hmi_cmd(results, previews, port, host, stale_ms, curve_keys, curve_client):
+    """The operator screen: a web page with, per camera, the latest frame and its anomaly overlay, verdict,
+    score against the threshold, counters, reject rate and the last rejects; runtime health and model.
+
+    \b
+    Examples:
+      memseg-edge hmi --results 5556 --previews 5557            # then open http://127.0.0.1:8080/
+      memseg-edge hmi --results line3-edge:5556 --previews line3-edge:5557 --host 0.0.0.0 --port 80
+
+    Live updates by server-sent events; laid out for a 1280x800 panel. It only subscribes: it cannot slow
+    the runtime down, and previews it is too slow for are dropped.
+    """
+    from .hmi import HmiServer
+
+    res_url = _endpoint(results, bind=False, option="--results")
+    prev_url = _endpoint(previews, bind=False, option="--previews")
+    try:
+        server = HmiServer(res_url, prev_url, port=port, host=host, stale_s=stale_ms / 1000.0,
+                           curve=_client_keys(curve_keys, curve_client), log=_log)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve on {host}:{port}: {exc}") from None
+    server.start()
+    _log(f"operator screen on {server.url} (verdicts {res_url}, previews {prev_url})")
+    done = threading.Event()
+    with _Signals(done.set, "stopping the screen"):
+        while not done.wait(0.5):
+            pass
+    server.stop()
+
+
 def register(group: click.Group) -> None:
     """Add the plant commands to ``group``."""
-    for command in (plc_gateway_cmd, opcua_cert_cmd):
+    for command in (plc_gateway_cmd, opcua_cert_cmd, hmi_cmd):
         group.add_command(command)

@@ -43,7 +43,8 @@ class FakeRuntime:
 
     def heartbeat(self) -> None:
         with self._lock:
-            body = vd.heartbeat_body(seq=self.seq, ts=time.time(), counters={}) | self.extra
+            counters = {"received": len(self.sent), "dropped": 0, "errors": 0}
+            body = vd.heartbeat_body(seq=self.seq, ts=time.time(), counters=counters) | self.extra
             self.sock.send_multipart([vd.HEARTBEAT_TOPIC, vd.dumps(body)])
 
     def verdict(self, camera: str, frame_id, verdict: str = vd.PASS, score: float | None = 0.1,
