@@ -25,10 +25,10 @@ def _need(module: str, what: str) -> None:
 
 @click.command("plc-gateway", context_settings={"max_content_width": 110})
 @click.argument("results_endpoint", metavar="RESULTS_ENDPOINT")
-@click.option("--opcua", "opcua_port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
-              help="Serve OPC UA on opc.tcp://HOST:PORT/ (4840 is the usual port).")
-@click.option("--modbus", "modbus_port", type=click.IntRange(1, 65535), default=None, metavar="PORT",
-              help="Serve Modbus TCP on PORT (502 is the usual port; it needs root on Linux).")
+@click.option("--opcua", "opcua_port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Serve OPC UA on opc.tcp://HOST:PORT/ (4840 is the usual port; 0: a free one, reported).")
+@click.option("--modbus", "modbus_port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Serve Modbus TCP on PORT (502 is the usual port and needs root on Linux; 0: a free one).")
 @click.option("--mode", type=click.Choice(["handshake", "latest"]), default="handshake", show_default=True,
               help="handshake: each camera's results in order, the next only after the PLC wrote the current "
                    "seq to Ack; latest: always the newest result, no Ack.")
@@ -77,14 +77,15 @@ def plc_gateway_cmd(results_endpoint, opcua_port, modbus_port, mode, stale_ms, b
     """
     from .gateway.service import Gateway, GatewayConfig
 
-    for module, what, wanted in (("asyncua", "--opcua", opcua_port), ("pymodbus", "--modbus", modbus_port),
+    for module, what, wanted in (("asyncua", "--opcua", opcua_port is not None),
+                                 ("pymodbus", "--modbus", modbus_port is not None),
                                  ("prometheus_client", "--metrics", metrics_port is not None)):
         if wanted:
             _need(module, what)
     url = _endpoint(results_endpoint, bind=False, option="RESULTS_ENDPOINT")
     security = None
     if opcua_cert or opcua_key:
-        if not (opcua_cert and opcua_key and opcua_port):
+        if not (opcua_cert and opcua_key and opcua_port is not None):
             raise click.UsageError("OPC UA security needs --opcua PORT, --opcua-cert and --opcua-key")
         from .gateway.opcua import OpcUaSecurity
 
@@ -92,7 +93,7 @@ def plc_gateway_cmd(results_endpoint, opcua_port, modbus_port, mode, stale_ms, b
         security = OpcUaSecurity(Path(opcua_cert), Path(opcua_key), trust, opcua_security, opcua_anonymous)
     elif opcua_anonymous or opcua_trust:
         raise click.UsageError("--opcua-anonymous and --opcua-trust only apply with --opcua-cert/--opcua-key")
-    if host in ("0.0.0.0", "::", "*") and opcua_port and security is None:
+    if host in ("0.0.0.0", "::", "*") and opcua_port is not None and security is None:
         _log("warning: OPC UA listens on every interface without security: anyone on the network can read verdicts "
              "and write Ack (use --opcua-cert)")
     try:

@@ -462,3 +462,27 @@ async def _endpoints(url):
 
     client = Client(url, timeout=5)
     return await client.connect_and_get_server_endpoints()
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------
+
+def test_plc_gateway_command_says_what_is_missing(tmp_path):
+    from click.testing import CliRunner
+
+    from memseg_edge.cli import main
+
+    out = CliRunner().invoke(main, ["plc-gateway", "5556"])
+    assert out.exit_code == 2 and "--opcua PORT and/or --modbus PORT" in out.output
+    out = CliRunner().invoke(main, ["plc-gateway", "5556", "--opcua", "4840", "--opcua-anonymous"])
+    assert out.exit_code == 2 and "only apply with --opcua-cert" in out.output
+    out = CliRunner().invoke(main, ["opcua-cert", str(tmp_path / "pki"), "--client", "plc1"])
+    assert out.exit_code == 0, out.output
+    assert sorted(p.name for p in (tmp_path / "pki").rglob("*.der")) == ["plc1.der", "plc1.der", "server.der"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = CliRunner().invoke(main, ["plc-gateway", "5556", "--opcua", "0", "--opcua-cert",
+                                    str(tmp_path / "pki" / "server.der"), "--opcua-key",
+                                    str(tmp_path / "pki" / "server.pem"), "--opcua-trust", str(empty)])
+    assert out.exit_code != 0 and "no client certificates in" in out.output

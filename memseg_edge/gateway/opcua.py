@@ -104,6 +104,8 @@ class OpcUaFace:
     async def start(self) -> None:
         from asyncua import Server, ua
 
+        if self.security is not None:
+            _check_trust(Path(self.security.trusted))
         server = Server()
         await server.init()
         server.set_endpoint(self.endpoint)
@@ -133,12 +135,7 @@ class OpcUaFace:
         server.set_security_policy([getattr(ua.SecurityPolicyType, name) for name in SECURITY_MODES[sec.modes]])
         tokens = [ua.X509IdentityToken] + ([ua.AnonymousIdentityToken] if sec.allow_anonymous else [])
         server.set_identity_tokens(tokens)
-        trusted = Path(sec.trusted)
-        if not trusted.is_dir() or not any(p.suffix in (".der", ".pem") for p in trusted.iterdir()):
-            raise ValueError(f"no client certificates in {trusted}: with OPC UA security the gateway accepts only "
-                             f"clients whose certificate is there (`memseg-edge opcua-cert {trusted.parent} --client "
-                             "NAME` makes one, or copy the PLC's certificate there)")
-        store = TrustStore([trusted], [])
+        store = TrustStore([Path(sec.trusted)], [])
         await store.load()
         options = (CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT) \
             & ~CertificateValidatorOptions.REVOKED   # no CRL for self-signed plant certificates
@@ -210,6 +207,13 @@ class OpcUaFace:
                         continue
                     self._last[node.nodeid] = value
                     await node.write_value(ua.Variant(value, getattr(ua.VariantType, vtype)))
+
+
+def _check_trust(trusted: Path) -> None:
+    if not trusted.is_dir() or not any(p.suffix in (".der", ".pem") for p in trusted.iterdir()):
+        raise ValueError(f"no client certificates in {trusted}: with OPC UA security the gateway accepts only "
+                         f"clients whose certificate is there (`memseg-edge opcua-cert {trusted.parent} --client "
+                         "NAME` makes one, or copy the PLC's certificate there)")
 
 
 class _CertifiedChannelUsers:
