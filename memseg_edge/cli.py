@@ -261,8 +261,9 @@ def export(checkpoint, out_dir, opset, no_verify, plugin):
     from .train.export import export_bundle
 
     path = _checkpoint_path(checkpoint, "export")
+    click.echo(f"exporting {path} to {out_dir}" + ("" if no_verify else ", then checking it against PyTorch"))
     try:
-        export_bundle(path, out_dir, opset=opset, verify=not no_verify)
+        export_bundle(path, out_dir, opset=opset, verify=not no_verify, log=click.echo)
         if plugin:
             from .plugin_rewrite import write_plugin_variants
             write_plugin_variants(out_dir, precisions=("fp32",), log=click.echo)

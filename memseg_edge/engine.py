@@ -538,7 +538,11 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
     log(f"wrote {out_path} ({serialized.nbytes / 1e6:.2f} MB, {meta['build_seconds']:.1f} s) and "
         f"{sidecar_path(out_path).name}")
     if compare:
-        meta["comparison"] = compare_with_onnx(out_path, compare_images, log=log)
+        try:
+            meta["comparison"] = compare_with_onnx(out_path, compare_images, log=log)
+        except Exception as exc:  # the engine is built and checked; a failed comparison is recorded, not fatal
+            meta["comparison"] = {"compared": False, "reason": f"the comparison failed: {type(exc).__name__}: {exc}"}
+            log(f"warning: engine not compared with its ONNX file ({meta['comparison']['reason']})")
         _atomic_write(sidecar_path(out_path), (json.dumps(meta, indent=2) + "\n").encode())
     return out_path
 
