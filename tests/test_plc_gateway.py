@@ -83,7 +83,7 @@ def test_a_seq_gap_makes_every_camera_unhealthy_until_it_shows_a_later_result():
     assert st.view("p", "a").passed and not st.view("p", "b").passed
 
 
-def test_error_and_a_stalled_heartbeat_never_pass():
+def test_error_and_a_stalled_pipeline_never_pass():
     st = GatewayState(("p",), mode="latest")
     st.on_heartbeat({"seq": 0})
     st.on_verdict(body(1, verdict=vd.ERROR))
@@ -91,7 +91,9 @@ def test_error_and_a_stalled_heartbeat_never_pass():
     assert v.verdict_code == 3 and not v.passed and v.failed and v.error_count == 1
     st.on_verdict(body(2))
     assert st.view("p", "top").passed
-    st.on_heartbeat({"seq": 2, "stalled": True})
+    st.on_heartbeat({"seq": 2, "oldest_wait_s": 2.9})            # busy but within --stale-ms
+    assert st.view("p", "top").passed
+    st.on_heartbeat({"seq": 2, "oldest_wait_s": 3.1})            # alive, but a frame waits too long: stalled
     assert not st.view("p", "top").passed and not st.view("p", "top").healthy
 
 

@@ -13,7 +13,8 @@ comes up. The backlog is bounded; when full, the oldest waiting result is droppe
 ``mode="latest"``: the newest result is always on show; no Ack.
 
 ``Pass`` is true only when all of these hold: the runtime's heartbeat is younger than ``stale_s`` and
-does not say the pipeline is stalled; the gateway has seen a heartbeat since it started; no verdict
+does not say the pipeline is stalled (its ``oldest_wait_s``, the age of the oldest frame not yet
+answered, is not above ``stale_s``); the gateway has seen a heartbeat since it started; no verdict
 was lost (seq gap) since the result on show was received; the backlog has not overflowed; the result on
 show is a ``PASS``; and, in handshake mode, the PLC has not yet acknowledged it (a consumed PASS never
 reads as the next part's).
@@ -136,7 +137,10 @@ class GatewayState:
     def on_heartbeat(self, body: dict) -> None:
         self.heartbeats += 1
         self.last_heartbeat = self._clock()
-        self.stalled = bool(body.get("stalled") is True or body.get("healthy") is False)
+        # the runtime's heartbeat says how long its oldest unanswered frame has waited (verdicts.py): a
+        # frame waiting longer than --stale-ms means a stalled pipeline behind a live heartbeat
+        wait = body.get("oldest_wait_s")
+        self.stalled = isinstance(wait, (int, float)) and wait > self.stale_s
         self.tick()
         for p in self.protocols:
             self._on_change(p, None)
