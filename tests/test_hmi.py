@@ -140,6 +140,10 @@ def test_hmi_state_follows_verdicts_heartbeats_and_previews():
         assert jpeg[:2] == b"\xff\xd8"
         rej = urllib.request.urlopen(f"{hmi.url}reject/top/{cam['rejects'][0]['id']}", timeout=5).read()
         assert rej[:2] == b"\xff\xd8"
+        line.rt.extra = {"oldest_wait_s": 0.9}                     # alive, but a frame waits too long
+        wait_for(lambda: state()["health"]["stalled"] and not state()["health"]["healthy"], timeout=3)
+        line.rt.extra = {}
+        wait_for(lambda: state()["health"]["healthy"], timeout=3)
         line.rt.stop_heartbeats()
         wait_for(lambda: not state()["health"]["healthy"], timeout=3)
     finally:

@@ -144,9 +144,12 @@ class LineView:
                     "rejects": [{"id": i, "frame_id": h.get("frame_id"), "verdict": h.get("verdict"),
                                  "score": h.get("score")} for i, h, _ in cam.rejects],
                 })
+            wait = (self.heartbeat or {}).get("oldest_wait_s")
+            stalled = isinstance(wait, (int, float)) and wait > self.stale_s
             return {"version": self.version, "model": self.model,
                     "health": {"connected": self.last_heartbeat is not None,
-                               "healthy": age is not None and age <= self.stale_s,
+                               "healthy": age is not None and age <= self.stale_s and not stalled,
+                               "stalled": stalled, "oldest_wait_s": wait,
                                "heartbeat_age_s": age, "frames_per_s": fps, "dropped": counters.get("dropped"),
                                "received": counters.get("received"), "errors": counters.get("errors"),
                                "stale_s": self.stale_s},
