@@ -54,16 +54,24 @@ class RuntimeMetrics:
         self._model = Info("memseg_model", "The model that judges.", registry=r)
         self._server = None
         self.port: int | None = None
+        self._children: dict = {}     # labelled children, looked up once (labels() takes a lock and builds a key)
 
     # -- what the runtime calls -------------------------------------------------------------------
     def frame_received(self, n: int = 1) -> None:
         self._received.inc(n)
 
+    def _child(self, metric, *labels):
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def verdict(self, camera: str, verdict: str) -> None:
-        self._verdicts.labels(camera=camera, verdict=verdict).inc()
+        self._child(self._verdicts, camera, verdict).inc()
 
     def error(self, kind: str) -> None:
-        self._errors.labels(kind=kind).inc()
+        self._child(self._errors, kind).inc()
 
     def dropped(self, n: int = 1) -> None:
         self._dropped.inc(n)
@@ -75,7 +83,7 @@ class RuntimeMetrics:
         self._batch.observe(size)
 
     def latency(self, stage: str, seconds: float) -> None:
-        self._latency.labels(stage=stage).observe(seconds)
+        self._child(self._latency, stage).observe(seconds)
 
     def model_info(self, model: str, precision: str, backend: str, **extra: str) -> None:
         self._model.info({"model": str(model), "precision": str(precision), "backend": str(backend),
