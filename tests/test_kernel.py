@@ -209,6 +209,8 @@ def _tie_nan_data(levels, samples, batch, dtype, rng):
         for b in banks:
             b[samples // 2] = b[1]
     pick = rng.integers(0, samples, batch)
+    if samples > 2:
+        pick[-1] = samples // 2           # a real tie: the copy of sample 1
     feats = [bank[pick] + rng.integers(-1, 2, (batch, *lv)) * (rng.random((batch, *lv)) < 0.2)
              for bank, lv in zip(banks, levels)]
     feats = [f.astype(dtype) for f in feats]
@@ -261,6 +263,86 @@ def test_a_plan_that_misses_elements_is_caught(monkeypatch):
         monkeypatch.setattr(kernels, "plan_geometry", lambda *a, _g=broken, **k: _g)
         with pytest.raises(PlanError, match="unevenly"):
             emulate(step, feats, banks, sm_count=1)
+
+
+@pytest.fixture(scope="session")
+def host_kernel(tmp_path_factory) -> Path:
+    """The .cu file's kernels compiled for the CPU (memseg_edge/kernels/host_emulation.h: one fiber per CUDA
+    thread), built once per test session."""
+    from memseg_edge.kernels.emulate import build_host_emulation
+
+    try:
+        return build_host_emulation(tmp_path_factory.mktemp("host_kernel"))
+    except FileNotFoundError as exc:
+        pytest.skip(f"{exc}: the CPU replay of the kernel source needs g++ (C++20)")
+
+
+def _case_data(levels, samples, batch, dtype, kind, rng):
+    dt = np.float16 if dtype == "fp16" else np.float32
+    pick = rng.integers(0, samples, batch)
+    if kind == "random":
+        banks = [rng.standard_normal((samples, *lv)).astype(dt) for lv in levels]
+        return [(b[pick].astype(np.float64) + rng.normal(0, 0.5, b[pick].shape)).astype(dt) for b in banks], banks
+    banks = [rng.integers(-3, 4, (samples, *lv)).astype(dt) for lv in levels]
+    if samples > 2:
+        for b in banks:
+            b[samples // 2] = b[1]        # exact ties: image 0 is as close to sample 1 as to its copy
+        pick[0] = samples // 2
+    feats = [(b[pick] + rng.integers(-1, 2, b[pick].shape) * (rng.random(b[pick].shape) < 0.2)).astype(dt)
+             for b in banks]
+    if kind == "nan_image":
+        feats[0][batch // 2].flat[0] = np.nan
+    if kind == "nan_bank" and samples > 1:
+        banks[-1][samples - 1].flat[-1] = np.nan
+    return feats, banks
+
+
+MOBILENET64 = ((24, 16, 16), (32, 8, 8), (96, 4, 4))
+HOST_CASES = [   # levels, samples, selection, batch (-> tile), I/O, data, misaligned pointers
+    (((3, 5, 7),), 1, "sum", 1, "fp32", "ties", False),
+    (((3, 5, 7),), 129, "per_level", 2, "fp16", "ties", False),
+    (((3, 5, 7), (8, 4, 4)), 30, "sum", 3, "fp32", "nan_image", False),
+    (((3, 5, 7), (8, 4, 4)), 30, "per_level", 5, "fp16", "nan_bank", False),
+    (((1, 1, 1), (2, 3, 1), (5, 1, 3)), 129, "sum", 9, "fp32", "ties", False),
+    (((1, 1, 1), (2, 3, 1), (5, 1, 3)), 30, "per_level", 17, "fp16", "ties", False),
+    (((1, 1, 1), (2, 3, 1), (5, 1, 3)), 1, "per_level", 33, "fp32", "nan_image", False),
+    (MOBILENET64, 30, "sum", 3, "fp32", "random", False),
+    (MOBILENET64, 30, "per_level", 9, "fp16", "random", False),
+    (MOBILENET64, 30, "sum", 33, "fp32", "ties", False),
+    (MOBILENET64, 7, "sum", 32, "fp16", "ties", False),
+    (((3, 5, 7), (8, 4, 4)), 30, "sum", 5, "fp32", "random", True),
+    (MOBILENET64, 30, "sum", 2, "fp16", "ties", True),
+]
+
+
+@pytest.mark.parametrize("levels,samples,selection,batch,io,kind,offset", HOST_CASES,
+                         ids=[f"{len(c[0])}lv-m{c[1]}-{c[2]}-b{c[3]}-{c[4]}-{c[5]}{'-offset' if c[6] else ''}"
+                              for c in HOST_CASES])
+def test_the_kernel_source_run_on_the_cpu_matches_the_reference(host_kernel, tmp_path, levels, samples, selection,
+                                                                 batch, io, kind, offset):
+    """The .cu kernels themselves (not a model of them), every CUDA thread a fiber: index exact (ties to the
+    lowest index, NaN first), diffs exact on integer data and within rounding on random data, NaN exactly
+    where the reference has it, guard bytes intact, 16-byte vectors only on aligned rows."""
+    from memseg_edge.kernels.emulate import run_host_emulation
+
+    rng = np.random.default_rng(batch * 1000 + samples)
+    step = kernels.MemoryStep(levels, samples, selection)
+    feats, banks = _case_data(levels, samples, batch, io, kind, rng)
+    got = run_host_emulation(host_kernel, step, feats, banks, tmp_path, offset=offset)
+    assert got["status"] == 0, got["stderr"]
+    assert got["kernels"] == [f"memseg_l2_{'f16' if io == 'fp16' else 'f32'}_t{kernels.choose_tile(batch)}",
+                              f"memseg_select_diff_{'f16' if io == 'fp16' else 'f32'}"]
+    vector = 8 if io == "fp16" else 4
+    assert got["vec_mask"] == (0 if offset else sum(1 << l for l, d in enumerate(step.sizes) if d % vector == 0))
+    ref_diffs, ref_index = memory_step(feats, banks, selection, dtype=np.float64)
+    np.testing.assert_array_equal(got["index"], ref_index)
+    floor = 2.0 ** -14 if io == "fp16" else 1e-30
+    bound = 1e-3 if io == "fp16" else (1e-5 if kind == "random" else 0.0)
+    for g, r in zip(got["diffs"], ref_diffs):
+        g = g.astype(np.float64)
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(r))
+        ok = ~np.isnan(r)
+        assert np.max(np.abs(g[ok] - r[ok]) / np.maximum(np.abs(r[ok]), floor), initial=0.0) <= bound
 
 
 def test_vector_loads_only_where_rows_and_pointers_are_16_byte_aligned():

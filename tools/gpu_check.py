@@ -244,6 +244,7 @@ def make_case_data(case: dict[str, Any], rng: np.random.Generator) -> tuple[list
         if m > 2:
             for b in banks:
                 b[m // 2] = b[1]
+            pick[0] = m // 2          # image 0 ties between sample 1 and its copy: 1 must win
         feats = [(b[pick] + rng.integers(-1, 2, (n, *lv)) * (rng.random((n, *lv)) < 0.2)).astype(dt)
                  for b, lv in zip(banks, levels)]
         if case["data"] == "nan_image":

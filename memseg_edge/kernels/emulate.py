@@ -1,4 +1,6 @@
-"""The fused kernel's two launches replayed in numpy, block by block, from the launch plan's own arguments.
+"""The fused kernel's two launches replayed on the CPU, from the launch plan's own arguments: in numpy, block
+by block (:func:`emulate`), and as the kernel's own CUDA source compiled for the CPU with every CUDA thread a
+fiber (:func:`build_host_emulation`, :func:`run_host_emulation`; host_emulation.h).
 
 What it checks without a GPU: that a plan's grid and arguments make launch 1 cover every element of every
 level exactly once per sample group, write every (image, sample, part) partial sum that launch 2 reads and
@@ -10,6 +12,9 @@ tolerance. tests/test_kernel.py runs it for every tile; the GPU check runs the r
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -157,4 +162,67 @@ def emulate(step: MemoryStep, features: Sequence[np.ndarray], banks: Sequence[np
     return ([dd.reshape(np.asarray(f).shape) for dd, f in zip(diffs, features)], index.astype(np.int32))
 
 
-__all__ = ["MAX_LEVELS", "PlanError", "emulate"]
+HERE = Path(__file__).resolve().parent
+
+
+def build_host_emulation(out_dir: str | Path) -> Path:
+    """Compile host_emulation.cpp (the .cu file's kernels for the CPU) with the C++ compiler here; returns the
+    program. Raises FileNotFoundError without a C++20 compiler, RuntimeError when it does not compile."""
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise FileNotFoundError("no C++ compiler (g++, c++ or clang++) on PATH")
+    out = Path(out_dir) / "memseg_kernel_emulation"
+    proc = subprocess.run([cxx, "-std=c++20", "-O1", "-Wno-unknown-pragmas", f"-I{HERE}", str(HERE / "host_emulation.cpp"),
+                           "-o", str(out)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"host_emulation.cpp does not compile:\n{proc.stderr[-4000:]}")
+    return out
+
+
+def run_host_emulation(program: str | Path, step: MemoryStep, features: Sequence[np.ndarray],
+                       banks: Sequence[np.ndarray], workdir: str | Path, *, offset: bool = False,
+                       sm_count: int = 1) -> dict:
+    """Run the plan for these inputs through the compiled kernels (outputs and workspace poisoned first).
+    ``offset``: shift the feature, bank and diff pointers by one element (no 16-byte vectors: the scalar
+    path). Returns ``{"diffs", "index", "status", "stderr", "kernels"}``; status 3: guard bytes changed."""
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    n_levels, batch = len(step.levels), len(features[0])
+    half = np.asarray(features[0]).dtype == np.float16
+    dt = np.float16 if half else np.float32
+    shift = dt().itemsize if offset else 0
+    buffers = []
+
+    def add(name: str, data: bytes, shifted: bool) -> int:
+        base = (len(buffers) + 1) << 32
+        buffers.append((name, base, (bytes(shift) if shifted else b"") + data))
+        return base + (shift if shifted else 0)
+
+    xs = [add(f"x{l}", np.ascontiguousarray(f, dt).tobytes(), True) for l, f in enumerate(features)]
+    bs = [add(f"b{l}", np.ascontiguousarray(b, dt).tobytes(), True) for l, b in enumerate(banks)]
+    ys = [add(f"y{l}", np.full(np.shape(f), np.nan, dt).tobytes(), True) for l, f in enumerate(features)]
+    ix = add("index", np.full(step.index_shape(batch), -1, np.int32).tobytes(), False)
+    ws = add("workspace", np.full(step.workspace_bytes(batch) // 4, np.nan, np.float32).tobytes(), False)
+    launches = plan_launches(step, batch, half, xs, bs, ys, ix, ws, sm_count=sm_count)
+    lines = []
+    for name, base, data in buffers:
+        (work / f"{name}.in").write_bytes(data)
+        lines.append(f"B {name} {base} {len(data)} {work / f'{name}.in'} {work / f'{name}.out'}")
+    for launch in launches:
+        args = " ".join(str(int(v)) for v, _ in launch.args)
+        lines.append(f"L {launch.kernel} {launch.grid[0]} {launch.grid[1]} {launch.grid[2]} {launch.block[0]} "
+                     f"{len(launch.args)} {args}")
+    (work / "spec.txt").write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([str(program), str(work / "spec.txt")], capture_output=True, text=True, timeout=1200)
+
+    def read(name: str, dtype, shape, shifted: bool):
+        raw = (work / f"{name}.out").read_bytes()[shift if shifted else 0:]
+        return np.frombuffer(raw, dtype).reshape(shape)
+
+    diffs = [read(f"y{l}", dt, np.shape(f), True) for l, f in enumerate(features)] if proc.returncode in (0, 3) else []
+    index = read("index", np.int32, step.index_shape(batch), False) if proc.returncode in (0, 3) else None
+    return {"diffs": diffs, "index": index, "status": proc.returncode, "stderr": proc.stderr,
+            "kernels": [launch.kernel for launch in launches], "vec_mask": int(launches[0].args[15][0])}
+
+
+__all__ = ["MAX_LEVELS", "PlanError", "build_host_emulation", "emulate", "run_host_emulation"]

@@ -46,6 +46,38 @@ typedef unsigned short memseg_half;   // IEEE binary16 bits
 
 // ---------------------------------------------------------------------------------------------- element I/O
 
+#ifndef MEMSEG_HOST_EMULATION   // host_emulation.h defines these five for the CPU replay in the tests
+__device__ __forceinline__ float memseg_h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// The features' conversion sits inside the loop over samples on purpose: volatile keeps the compiler from
+// hoisting it out (TILE x ROWS x 8 floats would not fit in registers; packed halves do).
+__device__ __forceinline__ float memseg_h2f_kept(unsigned short h) {
+    float f;
+    asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ unsigned short memseg_f2h(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+// 16 bytes through the read-only path (features, chosen bank rows) or streamed (the bank in launch 1: read
+// once, evict first, so the features and partials stay in L2).
+__device__ __forceinline__ void memseg_ld16(const void* p, unsigned int (&w)[4]) {
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+__device__ __forceinline__ void memseg_ld16_stream(const void* p, unsigned int (&w)[4]) {
+    asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+__device__ __forceinline__ void memseg_st16_stream(void* p, const unsigned int (&w)[4]) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+                 "r"(w[3]) : "memory");
+}
+#endif
+
 template <typename IO> struct memseg_io;
 
 template <> struct memseg_io<float> {
@@ -60,49 +92,24 @@ template <> struct memseg_io<float> {
 
 template <> struct memseg_io<memseg_half> {
     static constexpr int E = 8;
-    static __device__ __forceinline__ float get(const unsigned int (&w)[4], int j) {
-        const unsigned short h = (unsigned short)(w[j >> 1] >> ((j & 1) * 16));
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-        return f;
+    static __device__ __forceinline__ unsigned short half_of(const unsigned int (&w)[4], int j) {
+        return (unsigned short)(w[j >> 1] >> ((j & 1) * 16));
     }
-    // The features' conversion sits inside the loop over samples on purpose: volatile keeps the compiler
-    // from hoisting it out (TILE x ROWS x 8 floats would not fit in registers; packed halves do).
+    static __device__ __forceinline__ float get(const unsigned int (&w)[4], int j) { return memseg_h2f(half_of(w, j)); }
     static __device__ __forceinline__ float get_kept(const unsigned int (&w)[4], int j) {
-        const unsigned short h = (unsigned short)(w[j >> 1] >> ((j & 1) * 16));
-        float f;
-        asm volatile("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-        return f;
+        return memseg_h2f_kept(half_of(w, j));
     }
     static __device__ __forceinline__ unsigned int bits(const memseg_half* p) { return *p; }
     static __device__ __forceinline__ void put_word(unsigned int (&w)[4], int j, unsigned int v) {
         w[j >> 1] |= (v & 0xffffu) << ((j & 1) * 16);
     }
-    static __device__ __forceinline__ void store1(memseg_half* p, float v) {
-        unsigned short h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        *p = h;
-    }
+    static __device__ __forceinline__ void store1(memseg_half* p, float v) { *p = memseg_f2h(v); }
     static __device__ __forceinline__ void set(unsigned int (&w)[4], int j, float v) {
-        unsigned short h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        if (j & 1) w[j >> 1] = (w[j >> 1] & 0xffffu) | ((unsigned int)h << 16);
+        const unsigned int h = memseg_f2h(v);
+        if (j & 1) w[j >> 1] = (w[j >> 1] & 0xffffu) | (h << 16);
         else w[j >> 1] = (w[j >> 1] & 0xffff0000u) | h;
     }
 };
-
-// 16 bytes through the read-only path (features, chosen bank rows) or streamed (the bank in launch 1: read
-// once, evict first, so the features and partials stay in L2).
-__device__ __forceinline__ void memseg_ld16(const void* p, unsigned int (&w)[4]) {
-    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
-}
-__device__ __forceinline__ void memseg_ld16_stream(const void* p, unsigned int (&w)[4]) {
-    asm("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
-}
-__device__ __forceinline__ void memseg_st16_stream(void* p, const unsigned int (&w)[4]) {
-    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
-                 "r"(w[3]) : "memory");
-}
 
 // E elements of one row starting at pos (a multiple of E): one 16-byte load (VEC) or E scalar loads
 // (elements at or past end read as 0, which adds nothing to a distance).
