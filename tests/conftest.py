@@ -91,7 +91,7 @@ def bottle_model(tmp_path_factory) -> dict:
     cfg = apply_overrides(MemSegConfig(), {
         "data.root": str(MVTEC), "data.category": "bottle", "data.image_size": 96,
         "model.backbone": "mobilenet_v2", "model.backbone_weights": str(MOBILENET_WEIGHTS),
-        "model.memory_samples": 8, "synthesis.textures": str(DTD) if DTD.is_dir() else "",
+        "model.memory_samples": 8, "synthesis.textures": str(DTD) if DTD.is_dir() else "none",
         "train.iterations": 100, "train.batch_size": 4, "train.num_workers": 0, "train.warmup_iterations": 5,
         "train.checkpoint_every": 0})
     ckpt = train(cfg, out / "run", progress=False, log=lambda *a: None)

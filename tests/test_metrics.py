@@ -350,3 +350,34 @@ def test_plots_write_valid_png_files(tmp_path) -> None:
 
     _is_png(plots.plot_score_histogram(scores[~labels], scores[labels], 0.9, tmp_path / "hist.png"))
     _is_png(plots.plot_score_histogram(scores[~labels], np.array([]), None, tmp_path / "hist_good.png"))
+
+
+def test_metrics_of_images_of_different_sizes_equal_the_stacked_ones_when_sizes_agree():
+    """Lists of maps and masks (images of varied size, each compared at its mask's resolution) give the
+    same figures as the stacked arrays when every image has one size, and accept images that do not."""
+    from memseg_edge.train.metrics import evaluate_maps
+
+    rng = np.random.default_rng(3)
+    maps = rng.random((6, 20, 24)).astype(np.float32)
+    masks = np.zeros((6, 20, 24), bool)
+    masks[3, 4:9, 5:12] = True
+    masks[4, 10:14, 2:6] = True
+    masks[5, 0:3, 0:20] = True
+    maps[masks] += 0.5
+    scores = maps.reshape(6, -1).max(1)
+    labels = masks.reshape(6, -1).any(1)
+    kinds = ["good"] * 3 + ["a", "b", "b"]
+    stacked = evaluate_maps(maps, masks, scores, labels, kinds)
+    listed = evaluate_maps(list(maps), list(masks), scores, labels, kinds)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max"):
+        assert listed[key] == pytest.approx(stacked[key], abs=1e-12), key
+    assert listed["per_defect"]["b"]["aupro"] == pytest.approx(stacked["per_defect"]["b"]["aupro"], abs=1e-12)
+    ragged_maps = [rng.random((h, w)).astype(np.float32) for h, w in ((10, 30), (40, 12), (25, 25))]
+    ragged_masks = [np.zeros(m.shape, bool) for m in ragged_maps]
+    ragged_masks[2][5:10, 5:10] = True
+    ragged_maps[2][5:10, 5:10] += 1.0
+    r = evaluate_maps(ragged_maps, ragged_masks, np.array([0.1, 0.2, 0.9]), np.array([False, False, True]),
+                      ["good", "good", "x"])
+    assert r["pixel_auroc"] == pytest.approx(1.0) and r["aupro"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="each of its mask's shape"):
+        evaluate_maps([np.zeros((4, 4))], [np.zeros((4, 5), bool)], np.zeros(1), np.zeros(1, bool), ["good"])

@@ -88,7 +88,7 @@ def test_spatial_attention_follows_equations_5_to_7():
 def test_encoder_loads_weights_from_a_local_file(mobilenet_weights):
     enc = Encoder("mobilenet_v2", str(mobilenet_weights))
     state = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
-    torch.testing.assert_close(enc.frozen[0][0][0].weight, state["features.0.0.weight"])
+    torch.testing.assert_close(enc.stem[0][0].weight, state["features.0.0.weight"])
     assert enc.weights_origin.startswith("file: ")
 
 

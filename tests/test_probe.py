@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from memseg_edge.train.config import ForegroundConfig
-from memseg_edge.train.probe import (PROBE_KINDS, blob_mask, make_probe_set, probe_anomaly, run_probe,
-                                     smooth_maps)
+from memseg_edge.train.probe import (LINE_KINDS, PROBE_KINDS, blob_mask, line_mask, make_probe_set, probe_anomaly,
+                                     run_probe, smooth_maps)
 
 from conftest import DTD, MVTEC
 
@@ -42,6 +42,24 @@ def test_blob_mask_inside_foreground_and_large_enough():
     a = blob_mask(fg, np.random.default_rng(3))
     b = blob_mask(fg, np.random.default_rng(3))
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", LINE_KINDS)
+def test_line_defects_are_thin_long_and_inside_the_foreground(kind):
+    """Scratches and cracks are a few pixels wide (almost no pixel farther than 2 px from the mask's edge: only where two lines cross) and
+    long (their extent far exceeds their width), so the probe does not favour compact masks."""
+    import cv2
+
+    fg = np.zeros((128, 128), bool)
+    fg[8:120, 8:120] = True
+    for seed in range(15):
+        m = line_mask(fg, np.random.default_rng(seed), kind)
+        assert m.sum() >= 30 and not (m & ~fg).any()
+        inner = cv2.distanceTransform(m.astype(np.uint8), cv2.DIST_L2, 3)
+        thick = float(np.mean(inner[m] > 2.0))
+        assert thick <= 0.1, f"{kind} {seed}: {100 * thick:.0f} % of it over 2 px from the edge: not thin"
+        ys, xs = np.nonzero(m)
+        assert max(np.ptp(ys), np.ptp(xs)) >= 15, f"{kind} {seed}: not elongated"
 
 
 @pytest.mark.parametrize("kind", [k for k in PROBE_KINDS if k != "texture"])
@@ -134,7 +152,7 @@ def test_probe_tool_on_a_trained_model(bottle_model, tmp_path):
     assert "test images are not read" in proc.stdout
     (only,) = json.loads(out.read_text()).values()
     assert set(only) == {"sigma=0", "sigma=2"}
-    n_kinds = 4 if DTD.is_dir() else 3
+    n_kinds = 6 if DTD.is_dir() else 5
     for r in only.values():
         assert r["n_images"] == 21 * (1 + n_kinds)          # 209 good: 8 memory, 21 held out
         assert 0.5 < r["image_auroc"] <= 1.0 and 0.5 < r["pixel_auroc"] <= 1.0

@@ -290,7 +290,9 @@ def test_synthesizer_on_a_real_bottle_changes_only_the_masked_pixels_and_uses_bo
 
 def test_synthesizer_without_textures_reports_structure_only():
     synth = synthesis.AnomalySynthesizer(SynthesisConfig(textures="", texture_probability=0.5))
-    assert "structure" in synth.sources and "textures is empty" in synth.sources
+    assert "structure" in synth.sources and "textures is 'empty'" in synth.sources
+    off = synthesis.AnomalySynthesizer(SynthesisConfig(textures=synthesis.NO_TEXTURES, texture_probability=0.5))
+    assert off.textures == [] and "'none'" in off.sources
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     rng = np.random.default_rng(1)
     for _ in range(5):

@@ -24,7 +24,7 @@ def tiny_config(root: Path, iterations: int = 4, **extra) -> MemSegConfig:
         "data.root": str(root), "data.category": "widget", "data.image_size": 64, "data.holdout_fraction": 0.2,
         "model.backbone": "mobilenet_v2", "model.backbone_weights": "none", "model.memory_samples": 4,
         "train.iterations": iterations, "train.batch_size": 4, "train.num_workers": 0, "train.warmup_iterations": 2,
-        "train.checkpoint_every": 2, "train.lr": 0.01, **extra})
+        "train.checkpoint_every": 2, "train.lr": 0.01, "synthesis.textures": "none", **extra})
     return cfg
 
 
@@ -38,7 +38,7 @@ def test_train_then_eval_through_the_cli(product_root, tmp_path):
     out = tmp_path / "run"
     run_cli("train", "--data", str(product_root), "--category", "widget", "--backbone", "mobilenet_v2",
             "--backbone-weights", "none", "--iterations", "3", "--batch-size", "4", "--image-size", "64",
-            "--memory-samples", "4", "--workers", "0", "--quiet", "--out", str(out))
+            "--memory-samples", "4", "--workers", "0", "--no-textures", "--quiet", "--out", str(out))
     assert (out / "checkpoint.pt").is_file() and (out / "config.yaml").is_file()
     assert MemSegConfig.load(out / "config.yaml").train.iterations == 3
     metrics_file = tmp_path / "metrics.json"
@@ -50,7 +50,10 @@ def test_train_then_eval_through_the_cli(product_root, tmp_path):
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
         assert 0.0 <= result[key] <= 1.0
     assert set(result["per_defect"]) == {"scratch"}
-    assert {"false_reject_rate", "miss_rate", "value", "rule"} <= set(result["threshold"])
+    assert {"false_reject_rate", "miss_rate", "value", "rule", "expected_frr", "frr_upper_95"} <= set(result["threshold"])
+    # Pixel metrics at each mask's own resolution, and the model-size figures kept beside them, labelled.
+    assert "own resolution" in result["pixel_resolution"]
+    assert 0.0 <= result["at_model_size"]["pixel_auroc"] <= 1.0 and "64x64" in result["at_model_size"]["resolution"]
     for png in ("roc.png", "pro_curve.png", "scores.png"):
         assert (tmp_path / "plots" / png).stat().st_size > 1000
     assert list((tmp_path / "plots" / "overlays").glob("*.png"))
@@ -62,7 +65,7 @@ def test_checkpoint_round_trip_loads_with_weights_only_and_predicts_the_same(pro
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model_state", "config", "image_size", "normalisation", "threshold", "data", "backbone_weights"):
         assert key in ckpt, key
-    assert ckpt["threshold"]["rule"].startswith("false-reject rate")
+    assert ckpt["threshold"]["rule"].startswith("expected false-reject rate")
     assert len(ckpt["data"]["training_list_sha256"]) == 64
     assert MemSegConfig.from_dict(ckpt["config"]) == cfg
     model, _ = load_model(path)
@@ -134,10 +137,81 @@ def test_two_processes_train_one_model_through_torchrun(product_root, tmp_path):
     proc = subprocess.run(
         [torchrun, "--nproc-per-node", "2", "--master-port", "29517", cli, "train", "--data", str(product_root),
          "--category", "widget", "--backbone", "mobilenet_v2", "--backbone-weights", "none", "--iterations", "2",
-         "--batch-size", "4", "--image-size", "64", "--memory-samples", "4", "--workers", "0", "--quiet",
-         "--out", str(out)], capture_output=True, text=True, timeout=300)
+         "--batch-size", "4", "--image-size", "64", "--memory-samples", "4", "--workers", "0", "--no-textures",
+         "--quiet", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = read_checkpoint(out / "checkpoint.pt")
     assert ckpt["iteration"] == 2 and ckpt["threshold"] is not None
     # Only one process writes: one checkpoint, one log of the configuration.
     assert proc.stdout.count("memseg-edge train: configuration") == 1
+
+
+def test_foreground_auto_keeps_a_config_files_own_setting(tmp_path):
+    """--foreground auto (the default) applies a category's preset only where the config still has the
+    default: a YAML with Otsu + invert stays Otsu + invert, whatever category is named."""
+    from memseg_edge.cli import _foreground
+    from memseg_edge.train.config import ForegroundConfig
+
+    own = apply_overrides(MemSegConfig(), {"data.category": "bottle", "synthesis.foreground.method": "otsu",
+                                           "synthesis.foreground.invert": True})
+    assert _foreground(own, "auto", None, None) == ForegroundConfig(method="otsu", invert=True)
+    preset = apply_overrides(MemSegConfig(), {"data.category": "bottle"})
+    assert _foreground(preset, "auto", None, None).threshold == 250          # the bottle preset
+    assert _foreground(own, "none", None, None).method == "none"             # explicit options still win
+    assert _foreground(own, "auto", 99, None).threshold == 99
+
+
+def test_training_without_textures_needs_an_explicit_choice(product_root, tmp_path):
+    cfg = apply_overrides(tiny_config(product_root), {"synthesis.textures": ""})
+    with pytest.raises(ValueError, match="--textures DTD/images.*--no-textures"):
+        train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()  # refused before any work
+    result = CliRunner().invoke(main, ["train", "--data", str(product_root), "--category", "widget",
+                                       "--backbone-weights", "none", "--out", str(tmp_path / "r2")])
+    assert result.exit_code != 0 and "--no-textures" in result.output
+
+
+def test_a_config_is_validated_whole_before_any_work(product_root, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  iterations: five\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(bad), "--data", str(product_root), "--category",
+                                       "widget", "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "train.iterations: expected int, found 'five'" in result.output
+    bad.write_text("model:\n  bakbone: resnet18\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(bad), "--out", str(tmp_path / "run")])
+    assert result.exit_code != 0 and "bakbone" in result.output
+    bad.write_text("train:\n  optimizer: adam\n")
+    with pytest.raises(ValueError, match="optimizer"):
+        train(MemSegConfig.load(bad), tmp_path / "run", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_takes_the_data_from_its_config_file(product_root, tmp_path):
+    cfg = tiny_config(product_root, iterations=1)
+    cfg.save(tmp_path / "config.yaml")
+    out = run_cli("train", "--config", str(tmp_path / "config.yaml"), "--out", str(tmp_path / "run"), "--quiet")
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert "decision threshold" in out and "expected false-reject rate" in out
+
+
+def test_a_warm_up_longer_than_training_is_scaled_and_said(product_root):
+    from memseg_edge.train.trainer import check_config, lr_factor
+
+    cfg = tiny_config(product_root, iterations=50, **{"train.warmup_iterations": 100})
+    notes = check_config(cfg)
+    assert any("never reach" in n for n in notes)
+    factors = [lr_factor(i, cfg.train) for i in range(50)]
+    assert max(factors) == pytest.approx(1.0)  # the learning rate peaks inside the run
+
+
+def test_reports_warn_loudly_when_the_threshold_misses_most_defects():
+    from memseg_edge.train.evaluate import format_report
+    from memseg_edge.train.trainer import validation_report
+
+    lines = validation_report({"image_auroc": 0.99, "pixel_auroc": 0.98, "false_reject_rate": 0.0, "miss_rate": 0.9})
+    assert "90.0 % of synthetic anomalies missed" in lines[0] and "WARNING" in lines[1]
+    assert len(validation_report({"image_auroc": 0.99, "pixel_auroc": 0.98, "false_reject_rate": 0.0,
+                                  "miss_rate": 0.1})) == 1
+    r = {"per_defect": {}, "image_auroc": 0.993, "pixel_auroc": 0.9, "aupro": 0.8, "n_images": 10, "f1_max": 0.9,
+         "pixel_f1_max": 0.5, "threshold": {"value": 0.7, "rule": "r", "false_reject_rate": 0.0, "miss_rate": 1.0}}
+    assert "WARNING" in format_report(r) and "misses 100 %" in format_report(r)

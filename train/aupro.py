@@ -16,7 +16,17 @@ import cv2
 import numpy as np
 
 
-def _check_inputs(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(maps, masks) -> tuple[np.ndarray | list, np.ndarray | list]:
+    """``[N, H, W]`` arrays, or lists of ``[H_i, W_i]`` arrays (images of different sizes, each map at its
+    mask's size)."""
+    if isinstance(maps, (list, tuple)) or isinstance(masks, (list, tuple)):
+        maps = [np.asarray(m) for m in maps]
+        masks = [np.asarray(m) != 0 for m in masks]
+        if len(maps) != len(masks) or any(a.ndim != 2 or a.shape != b.shape for a, b in zip(maps, masks)):
+            raise ValueError("expected one 2-D map per mask, each of its mask's shape")
+        if any(np.issubdtype(m.dtype, np.floating) and np.isnan(m).any() for m in maps):
+            raise ValueError("anomaly maps contain NaN")
+        return maps, masks
     maps = np.asarray(maps)
     masks = np.asarray(masks)
     if maps.ndim != 3 or masks.shape != maps.shape:
@@ -28,10 +38,17 @@ def _check_inputs(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.n
     return maps, masks
 
 
-def _region_labels(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """Bool masks ``[N, H, W]`` -> (int32 ``[N, H, W]``: 0 defect-free, 1..R one id per region over all
-    images, R)."""
-    labels = np.zeros(masks.shape, dtype=np.int32)
+def _flat(images) -> np.ndarray:
+    """``[N, H, W]`` or a list of ``[H_i, W_i]`` -> one flat array."""
+    if isinstance(images, list):
+        return np.concatenate([a.reshape(-1) for a in images]) if images else np.zeros(0)
+    return images.reshape(-1)
+
+
+def _region_labels(masks) -> tuple[np.ndarray, int]:
+    """Bool masks ``[N, H, W]`` (or a list of ``[H_i, W_i]``) -> (int32 labels of every pixel, flat: 0
+    defect-free, 1..R one id per region over all images, R)."""
+    labels = [np.zeros(m.shape, dtype=np.int32) for m in masks]
     n_regions = 0
     for i, mask in enumerate(masks):
         if not mask.any():
@@ -40,7 +57,7 @@ def _region_labels(masks: np.ndarray) -> tuple[np.ndarray, int]:
         inside = image_labels > 0
         labels[i][inside] = image_labels[inside] + n_regions
         n_regions += count - 1  # cv2 counts the background as component 0
-    return labels, n_regions
+    return _flat(labels), n_regions
 
 
 def pro_curve(
@@ -55,20 +72,20 @@ def pro_curve(
     """
     maps, masks = _check_inputs(maps, masks)
     labels, n_regions = _region_labels(masks)
-    n_normal = int(masks.size - np.count_nonzero(masks))
+    n_normal = int(labels.size - np.count_nonzero(labels))
     if n_regions == 0:
         raise ValueError("PRO is undefined without anomalous pixels: every ground-truth mask is empty")
     if n_normal == 0:
         raise ValueError("the FPR of PRO is undefined without defect-free pixels: every mask pixel is set")
 
-    region_sizes = np.bincount(labels.reshape(-1), minlength=n_regions + 1)
+    region_sizes = np.bincount(labels, minlength=n_regions + 1)
     weights = np.zeros(n_regions + 1, dtype=np.float64)
     weights[1:] = 1.0 / (n_regions * region_sizes[1:])
 
-    scores = maps.reshape(-1)
+    scores = _flat(maps)
     order = np.argsort(scores)[::-1]
     ranked = scores[order]
-    ranked_labels = labels.reshape(-1)[order]
+    ranked_labels = labels[order]
     del order, labels
     pro_cum = np.cumsum(weights[ranked_labels])
     fp_cum = np.cumsum(ranked_labels == 0, dtype=np.int64)

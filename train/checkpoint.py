@@ -14,7 +14,10 @@ from memseg_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .config import MemSegConfig
 from .torch_model import MemSeg
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the frozen encoder is fixed in inference mode (FrozenBatchNorm) and the decoder has a stride-2 skip.
+Format 1 checkpoints filled their memory bank through an encoder still in training mode (batch statistics),
+so their bank does not match what the encoder computes at inference: they are refused, never reinterpreted."""
 
 
 def save_checkpoint(path: str | Path, model: MemSeg, cfg: MemSegConfig, *, iteration: int, threshold: dict | None,
@@ -46,15 +49,43 @@ def save_checkpoint(path: str | Path, model: MemSeg, cfg: MemSegConfig, *, itera
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and check a checkpoint; every way it can be unusable is a ``ValueError`` that says what to do."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: pass the checkpoint.pt inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): the training that wrote it was interrupted or the copy "
+                         "failed; train again or copy the file again")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x08") or path.suffix in (".onnx", ".engine"):
+        raise ValueError(f"{path} is not a checkpoint (it looks like an ONNX model or an engine): export takes the "
+                         "checkpoint.pt of a training run; a bundle is already exported")
+    if not head.startswith(b"PK"):
+        raise ValueError(f"{path} is not a memseg-edge checkpoint (not a PyTorch file): pass the checkpoint.pt "
+                         "that `memseg-edge train` wrote")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated zip, a pickle with foreign objects, ...
+        raise ValueError(f"{path} cannot be read as a checkpoint ({exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); it is probably truncated "
+                         "or corrupt: train again or copy the file again") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "memseg-edge-checkpoint":
         raise ValueError(f"{path} is not a memseg-edge checkpoint")
-    if ckpt["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{path} has checkpoint format {ckpt['format_version']}; this memseg-edge reads up to "
+    version = ckpt.get("format_version")
+    if not isinstance(version, int):
+        raise ValueError(f"{path} has no valid format version: it is not a memseg-edge checkpoint")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} has checkpoint format {version}; this memseg-edge reads up to "
                          f"{FORMAT_VERSION}: upgrade memseg-edge")
+    if version < FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was made by an older memseg-edge (checkpoint format {version}) whose memory bank was filled "
+            f"with the frozen encoder in training mode, so its maps are not what this version computes. It cannot "
+            f"be converted: train it again (same command; the data and config are in the run folder)")
     return ckpt
 
 

@@ -7,6 +7,8 @@ the field's comment says what was chosen and why. Numpy/yaml only: no torch here
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,13 @@ class ModelConfig:
     """Kernel of a stride-1 average pool over the frozen features (1 = off). The paper is silent; the
     authors' released code smooths with 3x3, which makes the difference maps robust to one-pixel
     misalignment."""
+    smooth_skip_features: bool = False
+    """Whether the decoder's skip features are the smoothed ones too. ``False`` (the authors' code): smooth
+    only for the comparison with the memory bank; the fused skips keep the sharp features. Chosen on the
+    defect probe of bottle and magnetic_tile (BENCHMARKS.md, "Recipe choices")."""
+    stem_skip: bool = True
+    """The frozen stem's stride-2 output as the decoder's skip at stride 2 (the authors' code concatenates
+    it; without it the stride-2 stage has no skip). Chosen on the defect probe of both products."""
     use_memory: bool = True
     use_multiscale: bool = True
     use_spatial_attention: bool = True
@@ -77,8 +86,9 @@ class ForegroundConfig:
 @dataclass
 class SynthesisConfig:
     textures: str = ""
-    """Folder of texture images (DTD layout: one sub-folder per class, or flat). Empty: structure
-    source only."""
+    """Folder of texture images (DTD layout: one sub-folder per class, or flat). Training needs it (the
+    paper's Table 3: without textures image AUROC drops 0.8 and pixel AUROC 1.5 points); ``none``
+    (``--no-textures``) trains with the structure source only, on purpose. Empty is refused by ``train``."""
     texture_probability: float = 0.5
     """Odds of the texture source against the structure source (the paper: equal)."""
     perlin_min_scale: int = 0
@@ -168,14 +178,46 @@ def _build(cls: type, raw: dict[str, Any], where: str):
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, f"{where}.{name}")
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field's type, or a ValueError naming the key, the type and what was found: a
+    config is validated whole before any work starts (``iterations: five`` never fails mid-run)."""
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: expected a finite number, found {value!r}")
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    elif typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (list, tuple)):
+            return [_checked(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    else:
+        return value
+    name = getattr(hint, "__name__", None) or str(hint)
+    raise ValueError(f"{where}: expected {name}, found {value!r} ({type(value).__name__})")
 
 
 def apply_overrides(cfg: MemSegConfig, overrides: dict[str, Any]) -> MemSegConfig:

@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from memseg_edge.preprocess import IMAGE_SUFFIXES, list_images, load_mask, load_rgb, prepare
@@ -122,6 +123,33 @@ def load_test(items: list[TestItem], size: int) -> tuple[np.ndarray, np.ndarray]
     images = load_images([it.path for it in items], size)
     masks = np.stack([load_mask(it.mask, size) for it in items]) if items else np.zeros((0, size, size), bool)
     return images, masks
+
+
+def load_test_full(items: list[TestItem], size: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Test images ``[N, size, size, 3]`` uint8, masks at the model's size ``[N, size, size]`` bool
+    (nearest neighbour), and masks at their own resolution (``N`` bool ``[H_i, W_i]``; all False at the
+    image's size for good images), which is where the field compares maps and masks."""
+    images, small, native = [], [], []
+    for it in items:
+        rgb = load_rgb(it.path)
+        images.append(prepare(rgb, size))
+        if it.mask is None:
+            full = np.zeros(rgb.shape[:2], bool)
+        else:
+            full = load_mask_native(it.mask)
+        native.append(full)
+        small.append(cv2.resize(full.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0)
+    if not items:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), bool), []
+    return np.stack(images), np.stack(small), native
+
+
+def load_mask_native(path: Path) -> np.ndarray:
+    """A ground-truth mask file at its own resolution -> bool ``[H, W]``."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ValueError(f"cannot read mask {path}")
+    return mask > 127
 
 
 class TrainingStream:

@@ -1,6 +1,12 @@
-"""One factory for MemSeg encoders: a table of torchvision backbones cut into a frozen part (stem and the
-three feature levels at strides 4, 8, 16, whose features feed the memory bank) and a trainable stage at
-stride 32 (the U-Net bottleneck). ``resnet18`` and ``mobilenet_v2`` differ only in their table row."""
+"""One factory for MemSeg encoders: a table of torchvision backbones cut into a frozen part (the stem at
+stride 2, a skip for the decoder; the three feature levels at strides 4, 8, 16, whose features feed the
+memory bank) and a trainable stage at stride 32 (the U-Net bottleneck). ``resnet18`` and ``mobilenet_v2``
+differ only in their table row.
+
+The frozen part can never leave inference mode: its BatchNorm layers are replaced by fixed affine layers
+(``FrozenBatchNorm``) when the encoder is built, so no ``train()`` call, no forward pass and no caller can
+make it normalise with batch statistics or move the ImageNet running statistics. (The memory bank was
+once filled through a frozen encoder that was still in training mode; this makes that impossible.)"""
 from __future__ import annotations
 
 import hashlib
@@ -20,19 +26,20 @@ class EncoderSpec:
     weights: Callable[[], object]
     """torchvision's ImageNet weights enum member."""
     stages: Callable[[nn.Module], list[nn.Module]]
-    """stride-4, stride-8, stride-16 (frozen; stem included in the first) and stride-32 (trainable)."""
-    channels: tuple[int, int, int, int]
+    """stride-2 (the stem), stride-4, stride-8, stride-16 (all frozen) and stride-32 (trainable)."""
+    channels: tuple[int, int, int, int, int]
+    """Output channels of the five stages."""
 
 
 def _resnet18_stages(m: nn.Module) -> list[nn.Module]:
-    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
-    return [nn.Sequential(stem, m.layer1), m.layer2, m.layer3, m.layer4]
+    return [nn.Sequential(m.conv1, m.bn1, m.relu), nn.Sequential(m.maxpool, m.layer1), m.layer2, m.layer3, m.layer4]
 
 
 def _mobilenet_v2_stages(m: nn.Module) -> list[nn.Module]:
     f = m.features
-    # Block boundaries where the resolution halves: 0-3 end at stride 4, 4-6 at 8, 7-13 at 16, 14-17 at 32.
-    return [f[:4], f[4:7], f[7:14], f[14:18]]
+    # Block boundaries where the resolution halves: 0-1 end at stride 2, 2-3 at 4, 4-6 at 8, 7-13 at 16,
+    # 14-17 at 32.
+    return [f[:2], f[2:4], f[4:7], f[7:14], f[14:18]]
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -40,22 +47,51 @@ ENCODERS: dict[str, EncoderSpec] = {
         build=lambda: torchvision.models.resnet18(weights=None),
         weights=lambda: torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
         stages=_resnet18_stages,
-        channels=(64, 128, 256, 512),
+        channels=(64, 64, 128, 256, 512),
     ),
     "mobilenet_v2": EncoderSpec(
         build=lambda: torchvision.models.mobilenet_v2(weights=None),
         weights=lambda: torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
         stages=_mobilenet_v2_stages,
-        channels=(24, 32, 96, 320),
+        channels=(16, 24, 32, 96, 320),
     ),
 }
 
 
-class Encoder(nn.Module):
-    """Image ``[N, 3, H, W]`` (normalised) -> features at strides 4, 8, 16 (frozen) and 32 (trainable).
+class FrozenBatchNorm(nn.Module):
+    """A BatchNorm2d fixed in inference mode: ``(x - mean) / sqrt(var + eps) * weight + bias`` with the
+    stored statistics, whatever mode the module is in. Same buffers as BatchNorm2d (``weight``, ``bias``,
+    ``running_mean``, ``running_var``), all buffers: nothing here can be trained or updated."""
 
-    The frozen part stays in eval mode whatever ``train()`` is called with, so its BatchNorm statistics
-    never move and the features keep matching the memory bank built at the start.
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.eps = float(bn.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            self.register_buffer(name, getattr(bn, name).detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d inside ``module`` by a :class:`FrozenBatchNorm` with its statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm(child))
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+class Encoder(nn.Module):
+    """Image ``[N, 3, H, W]`` (normalised) -> the stem at stride 2 and features at strides 4, 8, 16 (all
+    frozen), and the bottleneck at stride 32 (trainable).
+
+    The frozen part cannot move: its BatchNorm layers are :class:`FrozenBatchNorm` (ImageNet statistics,
+    whatever mode anyone sets), it is kept in eval mode, and its parameters need no gradient, so its
+    features always match the memory bank built at the start.
     ``weights``: see :func:`load_backbone_weights`; ``None`` when a checkpoint will supply them.
     """
 
@@ -67,30 +103,40 @@ class Encoder(nn.Module):
         spec = ENCODERS[name]
         net = spec.build()
         self.weights_origin = "from checkpoint" if weights is None else load_backbone_weights(net, name, weights)
-        s4, s8, s16, s32 = spec.stages(net)
+        s2, s4, s8, s16, s32 = spec.stages(net)
         # Only the stages are registered: classifier heads never run and never land in a checkpoint.
-        self.frozen = nn.ModuleList([s4, s8, s16])
+        self.stem = freeze_batchnorm(s2)
+        self.frozen = freeze_batchnorm(nn.ModuleList([s4, s8, s16]))
         self.bottleneck = s32
-        self.channels = spec.channels
-        for p in self.frozen.parameters():
+        self.stem_channels = spec.channels[0]
+        self.channels = spec.channels[1:]
+        """Channels at strides 4, 8, 16 (the memory levels) and 32 (the bottleneck)."""
+        for p in list(self.stem.parameters()) + list(self.frozen.parameters()):
             p.requires_grad_(False)
+        self.stem.eval()
+        self.frozen.eval()
 
     def train(self, mode: bool = True) -> "Encoder":
         super().train(mode)
+        self.stem.eval()
         self.frozen.eval()
         return self
 
-    def frozen_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
+    def frozen_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> the stem ``[N, C_2, H/2, W/2]`` and the levels ``[N, C_l, H_l, W_l]`` at strides 4, 8, 16."""
         with torch.no_grad():
+            stem = self.stem(x)
+            feats = []
+            x = stem
             for stage in self.frozen:
                 x = stage(x)
                 feats.append(x)
-        return feats
+        return stem, feats
 
-    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        feats = self.frozen_features(x)
-        return feats, self.bottleneck(feats[-1])
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """-> (stem, frozen levels fine to coarse, bottleneck ``[N, C_32, H/32, W/32]``)."""
+        stem, feats = self.frozen_features(x)
+        return stem, feats, self.bottleneck(feats[-1])
 
 
 def load_backbone_weights(net: nn.Module, name: str, source: str) -> str:

@@ -15,7 +15,19 @@ from memseg_edge.scoring import image_scores
 from . import metrics
 from .aupro import pro_curve
 from .config import DataConfig
-from .datasets import discover, load_test
+from .datasets import discover, load_test_full
+
+MISS_WARNING = 0.5
+"""Above this share of missed defective test images at the model's threshold, ``eval`` warns loudly."""
+
+
+def upsample_maps(maps: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Maps ``[N, h, w]`` at the model's size -> ``N`` maps at each ``(H_i, W_i)`` (bilinear)."""
+    import cv2
+
+    return [m if m.shape == tuple(s) else cv2.resize(m.astype(np.float32), (int(s[1]), int(s[0])),
+                                                     interpolation=cv2.INTER_LINEAR)
+            for m, s in zip(maps, shapes)]
 
 
 def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
@@ -67,7 +79,7 @@ def evaluate(model_path: str | Path, data: DataConfig, *, json_path: str | Path 
     ds = discover(data)
     if not ds.has_test:
         raise FileNotFoundError(f"no test images under {data.root}: expected test/<defect>/ folders")
-    images, masks = load_test(ds.test, size)
+    images, masks, native_masks = load_test_full(ds.test, size)
     t0 = time.perf_counter()
     maps = np.concatenate([predict(images[i:i + batch_size]) for i in
                            tqdm(range(0, len(images), batch_size), desc="eval", unit="batch", disable=not progress)])
@@ -75,7 +87,16 @@ def evaluate(model_path: str | Path, data: DataConfig, *, json_path: str | Path 
     scores = image_scores(maps, meta["top_k"])
     defects = [it.defect for it in ds.test]
     labels = np.array([d != "good" for d in defects])
-    result = metrics.evaluate_maps(maps, masks, scores, labels, defects)
+    # The field compares at the mask's resolution: each map upsampled (bilinear) to its mask's size. The
+    # model-size figure (masks shrunk by nearest neighbour, as earlier versions reported) stays, labelled.
+    full_maps = upsample_maps(maps, [m.shape for m in native_masks])
+    result = metrics.evaluate_maps(full_maps, native_masks, scores, labels, defects)
+    result["pixel_resolution"] = "each mask's own resolution (anomaly map upsampled bilinearly)"
+    at_size = metrics.evaluate_maps(maps, masks, scores, labels, defects)
+    result["at_model_size"] = {"resolution": f"{size}x{size} (masks resized by nearest neighbour)",
+                               "pixel_auroc": at_size["pixel_auroc"], "aupro": at_size["aupro"],
+                               "per_defect": {k: {"pixel_auroc": v["pixel_auroc"], "aupro": v["aupro"]}
+                                              for k, v in at_size["per_defect"].items()}}
     result["image_score"] = f"mean of the top-{meta['top_k']} pixels of the anomaly map"
     result["model"] = str(model_path)
     result["model_kind"] = meta["kind"]
@@ -90,6 +111,8 @@ def evaluate(model_path: str | Path, data: DataConfig, *, json_path: str | Path 
             "value": t, "rule": thr["rule"],
             "false_reject_rate": float(fail[~labels].mean()) if (~labels).any() else None,
             "miss_rate": float((~fail[labels]).mean()) if labels.any() else None,
+            "n_false_rejects": int(fail[~labels].sum()), "n_missed": int((~fail[labels]).sum()),
+            **{k: thr[k] for k in ("expected_frr", "frr_upper_95", "resolved", "images_needed", "n_good") if k in thr},
         }
     log(format_report(result))
     if json_path:
@@ -112,10 +135,21 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"{'all':16s} {_pct(r['image_auroc']):>12s} {_pct(r['pixel_auroc']):>12s} "
                  f"{_pct(r['aupro']):>8s} {r['n_images']:5d}")
     lines.append(f"image F1-max {_pct(r['f1_max'])}   pixel F1-max {_pct(r['pixel_f1_max'])}   (percent; JSON holds fractions)")
+    if "at_model_size" in r:
+        a = r["at_model_size"]
+        lines.append(f"pixel metrics at each mask's resolution; at {a['resolution']}: pixel AUROC "
+                     f"{_pct(a['pixel_auroc'])}, AUPRO {_pct(a['aupro'])}")
     if "threshold" in r:
         t = r["threshold"]
-        lines.append(f"at the checkpoint's threshold {t['value']:.4f} ({t['rule']}): false rejects "
+        lines.append(f"at the model's threshold {t['value']:.4f} ({t['rule']}): false rejects "
                      f"{_pct(t['false_reject_rate'])} %, missed defects {_pct(t['miss_rate'])} %")
+        if "expected_frr" in t:
+            lines.append(f"  the threshold promised for new good parts: expected false-reject rate "
+                         f"{_pct(t['expected_frr'])} %, at most {_pct(t['frr_upper_95'])} % with 95 % confidence")
+        if t["miss_rate"] is not None and t["miss_rate"] > MISS_WARNING:
+            lines.append(f"WARNING: at its own threshold this model misses {100 * t['miss_rate']:.0f} % of the defective "
+                         "test images: on a line it would pass most defective parts, whatever its AUROC. Train longer, "
+                         "or choose the threshold again")
     return "\n".join(lines)
 
 
@@ -129,10 +163,11 @@ def write_plots(out: Path, images, maps, masks, scores, labels, defects, result,
         fpr, tpr, _ = metrics.roc_curve(scores, labels)
         curves["image"] = (fpr, tpr, result["image_auroc"])
     if masks.any():
-        fpr, tpr, _ = metrics.roc_curve(maps.ravel(), masks.ravel())
-        curves["pixel"] = (fpr, tpr, result["pixel_auroc"])
+        fpr, tpr, _ = metrics.roc_curve(maps.ravel(), masks.ravel())  # at the model's size (plots only)
+        at_size = result.get("at_model_size", result)  # the curves below are drawn at the model's size
+        curves["pixel"] = (fpr, tpr, at_size["pixel_auroc"])
         pf, pp = pro_curve(maps, masks)
-        plots.plot_pro_curve(pf, pp, result["aupro"], 0.3, out / "pro_curve.png")
+        plots.plot_pro_curve(pf, pp, at_size["aupro"], 0.3, out / "pro_curve.png")
     if curves:
         plots.plot_roc_curves(curves, out / "roc.png", title=f"ROC ({result.get('category') or 'test set'})")
     thr = result.get("threshold", {}).get("value")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .aupro import _flat
 from .aupro import aupro as _aupro
 
 
@@ -101,7 +102,12 @@ def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
-    """Anomaly maps ``[N, H, W]`` and ground-truth masks ``[N, H, W]`` -> AUROC over all pixels pooled."""
+    """Anomaly maps ``[N, H, W]`` and ground-truth masks ``[N, H, W]`` -> AUROC over all pixels pooled.
+    Images of different sizes: lists of ``[H_i, W_i]`` maps and masks."""
+    if isinstance(maps, list) or isinstance(masks, list):
+        if len(maps) != len(masks) or any(np.shape(a) != np.shape(b) for a, b in zip(maps, masks)):
+            raise ValueError("expected one map per mask, each of its mask's shape")
+        return auroc(_flat(list(maps)), _flat([np.asarray(m) for m in masks]))
     maps = np.asarray(maps)
     masks = np.asarray(masks)
     if maps.ndim != 3 or masks.shape != maps.shape:
@@ -126,7 +132,10 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     return float(f1[best]), float(thresholds[best])
 
 
-def _has_both(labels: np.ndarray) -> bool:
+def _has_both(labels) -> bool:
+    if isinstance(labels, list):
+        n_pos = sum(int(np.count_nonzero(m)) for m in labels)
+        return 0 < n_pos < sum(int(np.size(m)) for m in labels)
     n_pos = int(np.count_nonzero(labels))
     return 0 < n_pos < labels.size
 
@@ -163,18 +172,28 @@ def evaluate_maps(
     ``pixel_f1_threshold``, the counts, and ``per_defect``: for every defect type, its images together
     with all good images -> ``{image_auroc, pixel_auroc, aupro, n_images}``. An undefined metric (one
     class only, no anomalous pixel) is ``None``, never NaN.
+
+    Images of different sizes (pixel metrics at each mask's own resolution): ``maps`` and ``masks`` as
+    lists of ``[H_i, W_i]`` arrays, each map at its mask's size.
     """
-    maps = np.asarray(maps)
-    masks = np.asarray(masks)
-    if masks.dtype != np.bool_:
-        masks = masks != 0
+    ragged = isinstance(maps, list) or isinstance(masks, list)
+    if ragged:
+        maps = [np.asarray(m) for m in maps]
+        masks = [np.asarray(m) != 0 for m in masks]
+        if len(maps) != len(masks) or any(a.ndim != 2 or a.shape != b.shape for a, b in zip(maps, masks)):
+            raise ValueError("expected one 2-D map per mask, each of its mask's shape")
+    else:
+        maps = np.asarray(maps)
+        masks = np.asarray(masks)
+        if masks.dtype != np.bool_:
+            masks = masks != 0
     scores = np.asarray(image_scores)
     labels = np.asarray(labels)
     if labels.dtype != np.bool_:
         labels = labels != 0
     types = np.asarray(list(defect_types), dtype=object)
     n = len(maps)
-    if maps.ndim != 3 or masks.shape != maps.shape:
+    if not ragged and (maps.ndim != 3 or masks.shape != maps.shape):
         raise ValueError(f"expected maps and masks [N, H, W] of one shape, found {maps.shape} and {masks.shape}")
     if scores.shape != (n,) or labels.shape != (n,) or types.shape != (n,):
         raise ValueError(
@@ -191,8 +210,8 @@ def evaluate_maps(
         result["f1_max"], result["f1_threshold"] = _fraction(f1), t
     else:
         result["f1_max"], result["f1_threshold"] = None, None
-    if masks.any():
-        f1, t = f1_max(maps, masks)
+    if _has_both(masks) or (not ragged and masks.any()):
+        f1, t = f1_max(_flat(maps) if ragged else maps, _flat(masks) if ragged else masks)
         result["pixel_f1_max"], result["pixel_f1_threshold"] = _fraction(f1), t
     else:
         result["pixel_f1_max"], result["pixel_f1_threshold"] = None, None
@@ -204,7 +223,11 @@ def evaluate_maps(
     per_defect: dict[str, dict[str, Any]] = {}
     for name in sorted({str(t) for t in types} - {"good"}):
         keep = np.flatnonzero(good | (types == name))
-        entry = _map_metrics(maps[keep], masks[keep], scores[keep], labels[keep], fpr_limit)
+        if ragged:
+            entry = _map_metrics([maps[i] for i in keep], [masks[i] for i in keep], scores[keep], labels[keep],
+                                 fpr_limit)
+        else:
+            entry = _map_metrics(maps[keep], masks[keep], scores[keep], labels[keep], fpr_limit)
         entry["n_images"] = int(keep.size)
         per_defect[name] = entry
     result["per_defect"] = per_defect

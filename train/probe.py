@@ -2,13 +2,20 @@
 
 The trainer's own validation (``validate_on_synthetic``) uses the training synthesiser on held-out good
 images; a model that has learnt that synthesiser scores about 1.0 there, so it cannot tell two recipes
-apart. The probe puts anomalies of a *different family* on the same held-out good images: one to three
-compact, irregular blobs (not Perlin islands), filled in one of four ways a plant sees on real parts:
+apart. The probe puts anomalies of a *different family* on the same held-out good images. Two shapes, so
+that neither compact nor thin training masks are favoured by construction:
+
+one to three compact, irregular blobs (not Perlin islands), filled in one of four ways a plant sees:
 
 - ``stain``:   an opaque-ish foreign colour (paint, oil, dirt), with a little grain;
 - ``shade``:   the part itself, much darker or brighter (a dent catching the light, a burn);
 - ``smudge``:  the part blurred and tinted (a wipe, a film of grease);
-- ``texture``: a foreign surface (a DTD texture) blended in.
+- ``texture``: a foreign surface (a DTD texture) blended in;
+
+and thin, linear defects a few pixels wide:
+
+- ``scratch``: one or two straight or gently curved lines, 1-3 px wide, lighter or darker than the part;
+- ``crack``:   a jagged random-walk line with a branch, 1-3 px wide, darker than the part.
 
 Opacities and contrasts are deliberately low (subtle defects): with strong ones every trained run
 scores about 1.0 and the probe cannot rank recipes. The choice of family was made from what surface defects look like in general, not from any test image.
@@ -30,7 +37,73 @@ from . import metrics
 from .config import ForegroundConfig
 from .synthesis import foreground_mask, texture_source
 
-PROBE_KINDS: tuple[str, ...] = ("stain", "shade", "smudge", "texture")
+BLOB_KINDS: tuple[str, ...] = ("stain", "shade", "smudge", "texture")
+LINE_KINDS: tuple[str, ...] = ("scratch", "crack")
+PROBE_KINDS: tuple[str, ...] = BLOB_KINDS + LINE_KINDS
+
+
+def _polyline_mask(shape: tuple[int, int], points: np.ndarray, width: int) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    cv2.polylines(mask, [np.round(points).astype(np.int32).reshape(-1, 1, 2)], False, 1, thickness=int(width),
+                  lineType=cv2.LINE_8)
+    return mask > 0
+
+
+def line_mask(foreground: np.ndarray, rng: np.random.Generator, kind: str = "scratch",
+              length: tuple[float, float] = (0.15, 0.45), min_pixels: int = 30, min_extent: int = 15) -> np.ndarray:
+    """A thin defect inside ``foreground`` (bool ``[H, W]``) -> bool ``[H, W]``, 1-3 px wide.
+
+    ``scratch``: one or two lines of ``length`` x the image side, straight or bowed (a quadratic curve whose
+    middle is pushed sideways by up to 8 % of the length). ``crack``: a random walk of 4-8 px steps whose
+    heading turns by up to 17 degrees a step, with one branch from a random point. Centred on a random
+    foreground pixel; redrawn until at least ``min_pixels`` pixels, spanning at least ``min_extent`` px,
+    fall inside the foreground (a line cut short by the foreground's edge is not a line)."""
+    fg = np.asarray(foreground, bool)
+    h, w = fg.shape
+    ys, xs = np.nonzero(fg)
+    if len(ys) < min_pixels:
+        return fg.copy() if fg.any() else np.ones((h, w), bool)
+    side = float(min(h, w))
+    mask = np.zeros((h, w), bool)
+    for _ in range(20):
+        mask = np.zeros((h, w), bool)
+        n_lines = int(rng.integers(1, 3)) if kind == "scratch" else 1
+        for _ in range(n_lines):
+            i = int(rng.integers(0, len(ys)))
+            centre = np.array([xs[i], ys[i]], np.float64)
+            ell = float(rng.uniform(*length)) * side
+            heading = float(rng.uniform(0, np.pi))
+            width = int(rng.integers(1, 3))  # OpenCV thickness 1 or 2: lines 1 or 3 px wide
+            direction = np.array([np.cos(heading), np.sin(heading)])
+            if kind == "scratch":
+                normal = np.array([-direction[1], direction[0]])
+                bow = float(rng.uniform(-0.08, 0.08)) * ell
+                t = np.linspace(-0.5, 0.5, 24)[:, None]
+                pts = centre + t * ell * direction + (1.0 - 4.0 * t ** 2) * bow * normal
+                mask |= _polyline_mask((h, w), pts, width)
+            elif kind == "crack":
+                def walk(start, angle, steps):
+                    pts = [start]
+                    for _ in range(steps):
+                        angle += float(rng.uniform(-0.3, 0.3))
+                        step = float(rng.uniform(4.0, 8.0))
+                        pts.append(pts[-1] + step * np.array([np.cos(angle), np.sin(angle)]))
+                    return np.array(pts)
+                steps = max(4, int(ell / 6.0))
+                trunk = walk(centre, heading, steps)
+                mask |= _polyline_mask((h, w), trunk, width)
+                j = int(rng.integers(1, len(trunk)))
+                branch = walk(trunk[j], heading + float(rng.choice([-1.0, 1.0])) * float(rng.uniform(0.5, 1.2)),
+                              max(2, steps // 3))
+                mask |= _polyline_mask((h, w), branch, max(1, width - 1))
+            else:
+                raise ValueError(f"unknown line kind {kind!r}: one of {LINE_KINDS}")
+        mask &= fg
+        if mask.sum() >= min_pixels:
+            ys_m, xs_m = np.nonzero(mask)
+            if max(np.ptp(ys_m), np.ptp(xs_m)) >= min_extent:
+                return mask
+    return mask if mask.any() else fg.copy()
 
 
 def blob_mask(foreground: np.ndarray, rng: np.random.Generator, radius: tuple[float, float] = (6.0, 26.0),
@@ -77,6 +150,11 @@ def _fill(image: np.ndarray, kind: str, rng: np.random.Generator, textures: Sequ
     if kind == "smudge":
         blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=5.0)
         return blurred + rng.uniform(-25, 25, size=3).astype(np.float32), float(rng.uniform(0.4, 0.8))
+    if kind == "scratch":
+        factor = float(rng.uniform(0.55, 0.8)) if rng.random() < 0.5 else float(rng.uniform(1.25, 1.6))
+        return img * factor + float(rng.uniform(-10, 10)), float(rng.uniform(0.6, 0.9))
+    if kind == "crack":
+        return img * float(rng.uniform(0.3, 0.6)), float(rng.uniform(0.7, 1.0))
     if kind == "texture":
         if not textures:
             raise ValueError("probe kind 'texture' needs a texture folder")
@@ -89,7 +167,7 @@ def probe_anomaly(image: np.ndarray, kind: str, foreground: np.ndarray, rng: np.
                   textures: Sequence[Path] = ()) -> tuple[np.ndarray, np.ndarray]:
     """A good RGB ``uint8 [H, W, 3]`` image -> (the image with a ``kind`` defect, its bool mask).
     Pixels outside the mask are unchanged."""
-    mask = blob_mask(foreground, rng)
+    mask = line_mask(foreground, rng, kind) if kind in LINE_KINDS else blob_mask(foreground, rng)
     appearance, alpha = _fill(image, kind, rng, textures)
     out = image.astype(np.float32)
     m = mask[..., None]

@@ -218,6 +218,9 @@ def foreground_mask(image: np.ndarray, cfg: ForegroundConfig) -> np.ndarray:
 # ``invert`` flips, so a dark product on a bright background is ``invert=True``. (The widely used
 # unofficial MemSeg calls the opposite polarity ``bg_reverse``: its bg_reverse=False is our invert=True.)
 # Kernel sizes are in pixels of the image handed to the synthesiser (data.image_size, 256 by default).
+NO_TEXTURES = "none"
+"""``synthesis.textures`` value that turns the texture source off on purpose (``--no-textures``)."""
+
 _TEXTURE = ForegroundConfig(method="none")
 CATEGORY_FOREGROUND: dict[str, ForegroundConfig] = {
     # Textures fill the frame: an anomaly may appear anywhere.
@@ -529,7 +532,8 @@ class AnomalySynthesizer:
         self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
         self.min_pixels = int(min_pixels)
         self.max_attempts = int(max_attempts)
-        self.textures: list[Path] = list_textures(cfg.textures) if cfg.textures else []
+        self.textures: list[Path] = (list_textures(cfg.textures) if cfg.textures and cfg.textures != NO_TEXTURES
+                                     else [])
         p = float(cfg.texture_probability)
         grid_text = f"structure ({self.grid[0]}x{self.grid[1]} grid)"
         if self.textures and p > 0.0:
@@ -539,8 +543,8 @@ class AnomalySynthesizer:
         elif p > 0.0:
             self.texture_probability = 0.0
             self.sources = (
-                f"{grid_text} only: texture_probability={p:g} but synthesis.textures is empty, "
-                "so the texture source is off"
+                f"{grid_text} only: texture_probability={p:g} but synthesis.textures is "
+                f"{cfg.textures or 'empty'!r}, so the texture source is off"
             )
         else:
             self.texture_probability = 0.0

@@ -96,16 +96,17 @@ def spatial_attention(diffs: list[torch.Tensor], bounded: bool = True) -> list[t
 
 class Decoder(nn.Module):
     """U-Net decoder (section 4.2): upsampling = bilinear x2 + conv block; Conv Layer = two conv blocks;
-    the last Conv Layer = one conv block + a 2-channel convolution."""
+    the last Conv Layer = one conv block + a 2-channel convolution. Skips at strides 16, 8, 4 (the fused
+    features) and, with ``stem`` channels, at stride 2 (the encoder's frozen stem, as the authors' code)."""
 
-    def __init__(self, bottleneck: int, skips: list[int], widths: list[int]):
+    def __init__(self, bottleneck: int, skips: list[int], widths: list[int], stem: int = 0):
         super().__init__()
         if len(widths) != 5:
             raise ValueError(f"decoder_channels needs 5 widths (strides 16, 8, 4, 2, 1), found {widths}")
         self.ups = nn.ModuleList()
         self.convs = nn.ModuleList()
         cin = bottleneck
-        skip_widths = [skips[2], skips[1], skips[0], 0]  # strides 16, 8, 4 have skips; stride 2 none
+        skip_widths = [skips[2], skips[1], skips[0], stem]  # strides 16, 8, 4, 2
         for w, s in zip(widths[:4], skip_widths):
             self.ups.append(conv_block(cin, w))
             self.convs.append(nn.Sequential(conv_block(w + s, w), conv_block(w, w)))
@@ -113,10 +114,9 @@ class Decoder(nn.Module):
         self.final_up = conv_block(cin, widths[4])
         self.head = nn.Sequential(conv_block(widths[4], widths[4]), nn.Conv2d(widths[4], 2, 3, padding=1))
 
-    def forward(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, bottleneck: torch.Tensor, skips: list[torch.Tensor], stem: torch.Tensor | None = None) -> torch.Tensor:
         x = bottleneck
-        skip_list = [skips[2], skips[1], skips[0], None]
-        for up, conv, skip in zip(self.ups, self.convs, skip_list):
+        for up, conv, skip in zip(self.ups, self.convs, [skips[2], skips[1], skips[0], stem]):
             x = up(upsample2(x))
             if skip is not None:
                 x = torch.cat([x, skip], dim=1)
@@ -125,7 +125,8 @@ class Decoder(nn.Module):
 
 
 class MemSeg(nn.Module):
-    """MemSeg: frozen encoder levels -> memory module -> MSFF + spatial attention -> U-Net decoder.
+    """MemSeg: frozen encoder levels -> memory module -> MSFF + spatial attention -> U-Net decoder (with
+    the frozen stem as its stride-2 skip).
 
     ``forward(images [N, 3, H, W] in [0, 1])`` -> logits ``[N, 2, H, W]`` (training) or anomaly
     probability ``[N, 1, H, W]`` (eval). ``H`` and ``W`` must be multiples of 32.
@@ -148,7 +149,8 @@ class MemSeg(nn.Module):
         fused = [2 * ci for ci in c] if cfg.use_memory else c
         self.fusion = MultiScaleFusion(fused, c, cfg.use_coordinate_attention, cfg.use_multiscale)
         widths = list(cfg.decoder_channels) or list(DECODER_WIDTHS[cfg.backbone])
-        self.decoder = Decoder(self.encoder.channels[3], c, widths)
+        self.decoder = Decoder(self.encoder.channels[3], c, widths,
+                               self.encoder.stem_channels if cfg.stem_skip else 0)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -156,22 +158,25 @@ class MemSeg(nn.Module):
     @torch.no_grad()
     def memory_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen, smoothed features ``[N, C_l, H_l, W_l]`` of images in [0, 1]: what the bank stores."""
-        return [self.smooth(f) for f in self.encoder.frozen_features(self.normalise(images))]
+        return [self.smooth(f) for f in self.encoder.frozen_features(self.normalise(images))[1]]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalise(images)
-        feats, bottleneck = self.encoder(x)
-        feats = [self.smooth(f) for f in feats]
+        stem, raw, bottleneck = self.encoder(x)
+        smoothed = [self.smooth(f) for f in raw]
+        # The smoothing makes the comparison with the bank robust to small misalignment; what the decoder
+        # sees as skips is, by default, the sharp features (the authors' code).
+        feats = smoothed if self.cfg.smooth_skip_features else raw
         attention = None
         if self.memory is not None:
-            diffs, _ = self.memory(feats)
+            diffs, _ = self.memory(smoothed)
             # In units of a typical good-to-good difference, so their size does not depend on the encoder.
             diffs = [d / s for d, s in zip(diffs, self.memory.scales())]
             if self.cfg.use_spatial_attention:
                 attention = spatial_attention(diffs, self.cfg.bounded_attention)
             feats = [torch.cat([f, d], dim=1) for f, d in zip(feats, diffs)]
         skips = self.fusion(feats, attention)
-        logits = self.decoder(bottleneck, skips)
+        logits = self.decoder(bottleneck, skips, stem if self.cfg.stem_skip else None)
         if self.training:
             return logits
         return torch.softmax(logits, dim=1)[:, 1:2]
