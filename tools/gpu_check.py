@@ -80,6 +80,7 @@ NUMERIC_LEVELS = {
 NUMERIC_SAMPLES = (1, 30, 129)
 NUMERIC_BATCHES = (1, 2, 3, 5, 9, 17, 32, 33)   # tiles 1, 2, 4, 8, 16, 32 and two tiles of 32
 TIMING_BATCHES = (1, 8, 32)
+BLOCKS_PER_SM_SWEEP = (2, 3, 4, 6, 8, 12, 16)
 
 
 # ------------------------------------------------------------------------------------------------ plumbing
@@ -748,8 +749,19 @@ def section_timings(run: Run, state: dict[str, Any]) -> dict[str, Any]:
                 f"(p90 {both['p90_ms']:.4f}; launch1 {first['median_ms']:.4f}, launch2 {second['median_ms']:.4f}), "
                 f"{gbs:.0f} GB/s = {row['pct_of_copy']:.0f} % of copy; standard ops {std['median_ms']:.4f} ms "
                 f"-> {row['speedup_vs_standard_ops']:.1f}x")
+        if case["shape"] == "resnet18" and case["batch"] in (1, 32):   # the planner's one knob, for tuning
+            row["blocks_per_sm_sweep"] = {}
+            for per_sm in BLOCKS_PER_SM_SWEEP:
+                swept = gpu.launcher.prepare(kernels.plan_launches(
+                    step, case["batch"], half, [f.data_ptr() for f in feats], [b.data_ptr() for b in banks],
+                    [o.data_ptr() for o in outs], index.data_ptr(), ws.data_ptr(), sm_count=gpu.launcher.sm_count,
+                    blocks_per_sm=per_sm))
+                t = timed_replays(torch, _graph(torch, lambda: gpu.launcher.run(swept, gpu.stream())), flush, 20)
+                row["blocks_per_sm_sweep"][str(per_sm)] = t["median_ms"]
+            run.log(f"timings: blocks per SM -> median ms {row['blocks_per_sm_sweep']}")
         del feats, banks, outs, mb
-    return {"rows": rows, "copy_gbs": round(copy_gbs, 1), "flush_bytes": FLUSH_BYTES}
+    return {"rows": rows, "copy_gbs": round(copy_gbs, 1), "flush_bytes": FLUSH_BYTES,
+            "blocks_per_sm_default": kernels.TARGET_BLOCKS_PER_SM}
 
 
 def section_model(run: Run, state: dict[str, Any]) -> dict[str, Any]:

@@ -130,8 +130,10 @@ class Geometry:
         return self.groups * self.n_parts * self.tiles
 
 
-def plan_geometry(step: MemoryStep, batch: int, half: bool, sm_count: int = DEFAULT_SM_COUNT) -> Geometry:
-    """The tile, sample groups, parts and chunks for ``batch`` images on a GPU with ``sm_count`` SMs."""
+def plan_geometry(step: MemoryStep, batch: int, half: bool, sm_count: int = DEFAULT_SM_COUNT,
+                  blocks_per_sm: int = TARGET_BLOCKS_PER_SM) -> Geometry:
+    """The tile, sample groups, parts and chunks for ``batch`` images on a GPU with ``sm_count`` SMs, aiming at
+    about ``blocks_per_sm`` blocks per SM in each launch (a tuning knob: tools/gpu_check.py times several)."""
     k = kernel_constants()
     tile = choose_tile(batch)
     rows = k["ROWS"][tile]
@@ -141,7 +143,7 @@ def plan_geometry(step: MemoryStep, batch: int, half: bool, sm_count: int = DEFA
     slabs = [_cdiv(d, slab) for d in step.sizes]
     total = sum(slabs)
     cap = step.max_parts
-    target = max(1, TARGET_BLOCKS_PER_SM * max(sm_count, 1) // tiles)
+    target = max(1, blocks_per_sm * max(sm_count, 1) // tiles)
     groups = min(step.samples, max(1, _cdiv(target, min(total, cap))))
     per_group = min(_cdiv(step.samples, groups), k["ACC_SLOTS"] // tile)
     groups = _cdiv(step.samples, per_group)
@@ -151,7 +153,7 @@ def plan_geometry(step: MemoryStep, batch: int, half: bool, sm_count: int = DEFA
         spp += 1
     parts = [_cdiv(s, spp) for s in slabs] + [0] * (MAX_LEVELS - len(slabs))
     per_call = sum(step.sizes) * max(batch, 1)
-    chunk = _cdiv(_cdiv(per_call, TARGET_BLOCKS_PER_SM * max(sm_count, 1)), DIFF_CHUNK_MIN) * DIFF_CHUNK_MIN
+    chunk = _cdiv(_cdiv(per_call, blocks_per_sm * max(sm_count, 1)), DIFF_CHUNK_MIN) * DIFF_CHUNK_MIN
     chunk = min(max(chunk, DIFF_CHUNK_MIN), DIFF_CHUNK_MAX)
     chunks = [_cdiv(d, chunk) for d in step.sizes] + [0] * (MAX_LEVELS - len(slabs))
     return Geometry(tile, rows, vector, slab, tiles, per_group, groups, spp, tuple(parts), chunk, tuple(chunks))
@@ -177,7 +179,8 @@ def vector_mask(step: MemoryStep, half: bool, pointers: Sequence[Sequence[int]])
 
 
 def plan_launches(step: MemoryStep, batch: int, half: bool, features: Sequence[int], banks: Sequence[int],
-                  diffs: Sequence[int], index: int, workspace: int, sm_count: int = DEFAULT_SM_COUNT) -> list[Launch]:
+                  diffs: Sequence[int], index: int, workspace: int, sm_count: int = DEFAULT_SM_COUNT,
+                  blocks_per_sm: int = TARGET_BLOCKS_PER_SM) -> list[Launch]:
     """The two launches of one step on device pointers (ints). ``half``: float16 I/O, else float32.
     ``index``: int32 ``[batch]`` or ``[batch, L]``; ``workspace``: :meth:`MemoryStep.workspace_bytes`."""
     n_levels = len(step.levels)
@@ -185,7 +188,7 @@ def plan_launches(step: MemoryStep, batch: int, half: bool, features: Sequence[i
         raise ValueError(f"expected {n_levels} feature, bank and diff pointers each")
     if batch < 1:
         return []
-    g = plan_geometry(step, batch, half, sm_count)
+    g = plan_geometry(step, batch, half, sm_count, blocks_per_sm)
     pad = MAX_LEVELS - n_levels
     x = [int(p) for p in features] + [int(features[0])] * pad   # absent levels: no parts, no chunks
     b = [int(p) for p in banks] + [int(banks[0])] * pad
