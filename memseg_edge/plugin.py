@@ -252,8 +252,7 @@ def plugin_classes(trt) -> tuple[type, type]:
             n = len(self.step.levels)
             batch = int(input_desc[0].dims[0])
             half = input_desc[0].type == trt.DataType.HALF
-            key = (batch, half, tuple(int(p) for p in inputs[:2 * n]), tuple(int(p) for p in outputs[:n + 1]),
-                   int(workspace))
+            key = (batch, half, tuple(map(int, inputs[:2 * n])), tuple(map(int, outputs[:n + 1])), int(workspace))
             prepared = self._prepared.get(key)
             if prepared is None:
                 if self._launcher is None:
