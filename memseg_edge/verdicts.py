@@ -9,10 +9,14 @@ JSON.
   (``null`` for ``ERROR``), ``threshold``, ``latency_ms`` (frame received to verdict sent), ``model``
   (sha256 prefix of the model file that judged), and ``error`` when ``ERROR``.
 * heartbeat: ``v``, ``type`` ("heartbeat"), ``seq`` of the last verdict (0 before the first), ``ts``,
-  ``counters``.
+  ``counters``, ``oldest_wait_s`` (seconds the oldest frame received and not yet answered has waited;
+  0.0 when none waits) and ``last_verdict_ts`` (``ts`` of the last verdict sent, ``null`` before the
+  first). A heartbeat thus proves that frames are being judged, not only that the process is alive.
 
-A line controller treats silence (no heartbeat) and ``ERROR`` as reject: a defective part must never
-pass because a message was lost. The reply endpoint answers with the same verdict body; a trigger that
+A line controller treats silence (no heartbeat), a stalled pipeline (``oldest_wait_s`` growing) and
+``ERROR`` as reject: a defective part must never pass because a message was lost. A score that is not a
+finite number is ``ERROR``, never a verdict on the score. An ``error`` text is at most
+:data:`MAX_ERROR_CHARS` characters. The reply endpoint answers with the same verdict body; a trigger that
 saw no frame in time is answered with an ``ERROR`` body whose ``seq`` and ``frame_id`` are ``null``.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ VERDICT_TOPIC_PREFIX = b"verdict."
 PASS, FAIL, ERROR = "PASS", "FAIL", "ERROR"
 MODEL_ID_LEN = 12
 DROPPED = "dropped: runtime overloaded"
+MAX_ERROR_CHARS = 300
 
 
 def verdict_topic(camera: str) -> bytes:
@@ -36,7 +41,10 @@ def verdict_topic(camera: str) -> bytes:
 
 
 def decide(score: float, threshold: float) -> str:
-    """``FAIL`` when the score reaches the threshold: the one rule, :func:`memseg_edge.scoring.verdict`."""
+    """``FAIL`` when the score reaches the threshold: the one rule, :func:`memseg_edge.scoring.verdict`;
+    ``ERROR`` when the score is not a finite number (NaN compares false with everything, so it would pass)."""
+    if not math.isfinite(score):
+        return ERROR
     return verdict(score, threshold)
 
 
@@ -55,12 +63,15 @@ def verdict_body(*, seq: int | None, camera: str, frame_id: Any, verdict: str, s
             "verdict": verdict, "score": _num(score) if verdict != ERROR else None, "threshold": float(threshold),
             "latency_ms": _num(latency_ms, 3), "model": model[:MODEL_ID_LEN]}
     if verdict == ERROR:
-        body["error"] = error or "unknown error"
+        error = error or "unknown error"
+        body["error"] = error if len(error) <= MAX_ERROR_CHARS else error[:MAX_ERROR_CHARS - 3] + "..."
     return body
 
 
-def heartbeat_body(*, seq: int, ts: float, counters: dict[str, Any]) -> dict:
-    return {"v": VERDICT_VERSION, "type": "heartbeat", "seq": seq, "ts": ts, "counters": counters}
+def heartbeat_body(*, seq: int, ts: float, counters: dict[str, Any], oldest_wait_s: float = 0.0,
+                   last_verdict_ts: float | None = None) -> dict:
+    return {"v": VERDICT_VERSION, "type": "heartbeat", "seq": seq, "ts": ts, "counters": counters,
+            "oldest_wait_s": round(float(oldest_wait_s), 3), "last_verdict_ts": last_verdict_ts}
 
 
 def dumps(body: dict) -> bytes:
@@ -80,6 +91,8 @@ def parse(parts: list) -> dict:
         raise ValueError("body is not a verdict or heartbeat")
     if body["type"] == "heartbeat" and topic != HEARTBEAT_TOPIC:
         raise ValueError(f"heartbeat on topic {topic!r}")
-    if body["type"] == "verdict" and not topic.startswith(VERDICT_TOPIC_PREFIX):
-        raise ValueError(f"verdict on topic {topic!r}")
+    if body["type"] == "verdict" and (not isinstance(body.get("camera"), str)
+                                      or topic != verdict_topic(body["camera"])):
+        # subscriptions match topics by prefix ("verdict.cam1" takes "verdict.cam10"): the body names the camera
+        raise ValueError(f"verdict on topic {topic[:80]!r} does not name its camera {str(body.get('camera'))[:80]!r}")
     return body
