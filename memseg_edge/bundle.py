@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,27 @@ class Bundle:
         t = self.meta.get("threshold")
         return float(t["threshold"]) if t else None
 
+    def problems(self) -> list[str]:
+        """What in ``model.json`` cannot work, one sentence each (empty when it is sound)."""
+        meta, found = self.meta, []
+        size = meta.get("image_size")
+        if not _positive_int(size):
+            found.append(f"image_size is {_show(size)}, expected a positive integer (pixels)")
+        if "top_k" in meta and not _positive_int(meta["top_k"]):
+            found.append(f"top_k is {_show(meta['top_k'])}, expected a positive integer")
+        thr = meta.get("threshold")
+        if thr is not None:
+            value = thr.get("threshold") if isinstance(thr, dict) else thr
+            if not isinstance(thr, dict):
+                found.append(f"threshold is {_show(thr)}, expected null or an object {{\"threshold\": T, ...}}: "
+                             "re-export the bundle, or pass --threshold T")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                found.append(f"threshold.threshold is {_show(value)}, expected a finite number: re-export the "
+                             "bundle, or pass --threshold T")
+        if not isinstance(meta.get("files", {}), dict):
+            found.append(f"files is {_show(meta.get('files'))}, expected an object of file name -> sha256")
+        return found
+
     def onnx_path(self, precision: str = "fp32") -> Path:
         if precision not in PRECISION_FILES:
             raise ValueError(f"precision must be one of {sorted(PRECISION_FILES)}, found {precision!r}")
@@ -71,20 +93,45 @@ class Bundle:
         (self.root / "model.json").write_text(json.dumps(self.meta, indent=2))
 
 
-def load_bundle(path: str | Path) -> tuple[Bundle, Path]:
-    """A bundle folder or one of its ONNX files -> (bundle, the ONNX file to run)."""
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def raise_problems(meta_path: Path, problems: list[str]) -> None:
+    """One ``ValueError`` naming every problem of a bundle, one sentence a line."""
+    if problems:
+        raise ValueError(f"{meta_path} cannot be used:\n  - " + "\n  - ".join(problems))
+
+
+def load_bundle(path: str | Path, *, validate: bool = True) -> tuple[Bundle, Path]:
+    """A bundle folder or one of its ONNX files -> (bundle, the ONNX file to run). ``validate``: refuse a
+    ``model.json`` with :meth:`Bundle.problems` (a caller that adds its own checks passes False and calls
+    :func:`raise_problems` with all of them)."""
     path = Path(path)
     root, onnx_file = (path, None) if path.is_dir() else (path.parent, path)
     meta_path = root / "model.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{meta_path} not found: a model bundle is a folder made by `memseg-edge export`")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{meta_path} is not valid JSON ({exc}): export the bundle again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, expected an object (the bundle "
+                         "description `memseg-edge export` writes)")
     if meta.get("format") != "memseg-edge-bundle":
         raise ValueError(f"{meta_path} is not a memseg-edge bundle description")
-    if meta.get("format_version", 0) > BUNDLE_FORMAT_VERSION:
+    if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > BUNDLE_FORMAT_VERSION:
         raise ValueError(f"{meta_path} has bundle format {meta['format_version']}; this memseg-edge reads up to "
                          f"{BUNDLE_FORMAT_VERSION}: upgrade memseg-edge")
     bundle = Bundle(root, meta)
+    if validate:
+        raise_problems(meta_path, bundle.problems())
     if onnx_file is None:
         onnx_file = bundle.onnx_path("fp32")
     elif not onnx_file.is_file():
