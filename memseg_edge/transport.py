@@ -12,25 +12,32 @@ written                    means
 =========================  ===================================================
 
 A socket listens on every network interface only when the user writes so (``*:5555``,
-``tcp://*:5555``, ``0.0.0.0:5555``); ``localhost`` is written as ``127.0.0.1`` for binds, because
-libzmq reads a bind address as an interface name first. ``tcp://127.0.0.1:*`` binds a free port
-(the bound address is reported), which tests and the demo use.
+``tcp://*:5555``, ``0.0.0.0:5555``, ``[::]:5555``, and every other spelling of the unspecified
+address, such as ``0:5555`` or ``tcp://0x0:5555``, which :func:`all_interfaces` recognises so that
+``run`` warns); ``localhost`` is written as ``127.0.0.1`` for binds, because libzmq reads a bind
+address as an interface name first. IPv6 addresses are written in brackets (``tcp://[::1]:5555``).
+``tcp://127.0.0.1:*`` binds a free port (the bound address is reported), which tests and the demo use.
 
 CurveZMQ (the ZeroMQ guide's "Ironhouse" pattern): the runtime is the server and holds
 ``server.key_secret``; camera stations and PLC gateways are clients, each with its own key pair and
-the server's public ``server.key``. The runtime accepts only clients whose public key is in
-``authorized/``. ``memseg-edge keys DIR`` writes this layout with ``zmq.auth.create_certificates``.
+the server's public ``server.key``. The runtime accepts only clients whose public key it holds, by
+role: a key in ``stations/`` may send frames (``--zmq``, ``--reply``), a key in ``subscribers/`` may
+read verdicts (``--results``), a key in ``authorized/`` may do both. ``memseg-edge keys DIR`` writes
+this layout with ``zmq.auth.create_certificates``.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SERVER_NAME = "server"
-AUTHORIZED_DIR = "authorized"
+AUTHORIZED_DIR = "authorized"        # clients of every role
+ROLE_DIRS = {"stations": "stations", "subscribers": "subscribers"}   # ZAP domain -> folder of its clients' keys
 _SCHEMES = ("tcp://", "ipc://", "inproc://")
 _HOST_PORT = re.compile(r"^(?P<host>\[[^\]]+\]|[^:/\s]+):(?P<port>\d+|\*)$")
 
@@ -74,9 +81,25 @@ def endpoint(text: str | int, *, bind: bool) -> str:
 
 
 def all_interfaces(url: str) -> bool:
-    """True when a bind endpoint listens on every network interface."""
-    return url.startswith("tcp://") and (url.startswith("tcp://*:") or url.startswith("tcp://0.0.0.0:")
-                                         or url.startswith("tcp://[::]:"))
+    """True when a bind endpoint listens on every network interface: ``*`` or any spelling of the
+    unspecified address (``0.0.0.0``, ``0``, ``0.0``, ``0x0``, ``::``, ``0:0::0``...)."""
+    if not url.startswith("tcp://"):
+        return False
+    m = _HOST_PORT.match(url[len("tcp://"):])
+    if m is None:
+        return False
+    host = m.group("host")
+    if host == "*":
+        return True
+    if host.startswith("["):
+        try:
+            return ipaddress.IPv6Address(host[1:-1]).is_unspecified
+        except ValueError:
+            return False
+    try:   # inet_aton reads the shorthand forms the C library (and so libzmq) accepts: 0, 0.0, 0x0
+        return socket.inet_aton(host) == b"\0\0\0\0"
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,24 +120,30 @@ class CurveClient:
     server_public: bytes
 
 
-def make_keys(folder: str | Path, clients: tuple[str, ...] = ("station",)) -> list[Path]:
-    """Write the server's key pair, one pair per client and ``authorized/<client>.key``; returns the files.
-    Existing files are kept (a new server key would lock every station out)."""
+def make_keys(folder: str | Path, clients: tuple[str, ...] = ("station",), *, stations: tuple[str, ...] = (),
+              subscribers: tuple[str, ...] = ()) -> list[Path]:
+    """Write the server's key pair and one pair per client; ``clients`` may do everything
+    (``authorized/<name>.key``), ``stations`` only send frames (``stations/``), ``subscribers`` only read
+    verdicts (``subscribers/``). Returns the files written. Existing files are kept (a new server key
+    would lock every station out)."""
     import zmq.auth
 
     folder = Path(folder)
-    (folder / AUTHORIZED_DIR).mkdir(parents=True, exist_ok=True)
-    for name in clients:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == SERVER_NAME:
+    roles = [(name, AUTHORIZED_DIR) for name in clients] + [(name, ROLE_DIRS["stations"]) for name in stations] + \
+        [(name, ROLE_DIRS["subscribers"]) for name in subscribers]
+    for name, _ in roles:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or name == SERVER_NAME:
             raise ValueError(f"client name {name!r}: use letters, digits, '_', '.', '-' (and not 'server')")
     written = []
-    for name in (SERVER_NAME, *clients):
+    for name, role_dir in [(SERVER_NAME, None), *roles]:
         public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
         if not secret.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
             public, secret = (Path(p) for p in zmq.auth.create_certificates(str(folder), name))
             written += [public, secret]
-        if name != SERVER_NAME:
-            target = folder / AUTHORIZED_DIR / public.name
+        if role_dir is not None:
+            target = folder / role_dir / public.name
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(public, target)
             written.append(target)
     return written
@@ -135,7 +164,8 @@ def _load(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
 
 
 def load_server_keys(folder: str | Path) -> CurveServer:
-    """The runtime's keys from ``folder`` (``server.key_secret`` and ``authorized/``)."""
+    """The runtime's keys from ``folder`` (``server.key_secret``; clients in ``authorized/``, ``stations/``,
+    ``subscribers/``)."""
     folder = Path(folder)
     secret_file = folder / f"{SERVER_NAME}.key_secret"
     if not secret_file.is_file():
@@ -143,9 +173,10 @@ def load_server_keys(folder: str | Path) -> CurveServer:
                          "(the runtime's machine needs server.key_secret and the authorized/ folder)")
     public, secret = _load(secret_file, need_secret=True)
     authorized = folder / AUTHORIZED_DIR
-    if not authorized.is_dir() or not any(authorized.glob("*.key")):
-        raise ValueError(f"no client keys in {authorized}: with CurveZMQ the runtime accepts only stations and PLC "
-                         f"gateways whose public key is there (`memseg-edge keys {folder} --client NAME` adds one)")
+    if not any(any((folder / d).glob("*.key")) for d in (AUTHORIZED_DIR, *ROLE_DIRS.values())):
+        raise ValueError(f"no client keys in {authorized}, {folder / 'stations'} or {folder / 'subscribers'}: with "
+                         "CurveZMQ the runtime accepts only stations and PLC gateways whose public key is there "
+                         f"(`memseg-edge keys {folder} --client NAME` adds one)")
     return CurveServer(public, secret, authorized)
 
 
@@ -172,13 +203,24 @@ def load_client_keys(folder: str | Path, name: str | None = None) -> CurveClient
     return CurveClient(public, secret, server_public)
 
 
-def secure_server(sock: Any, keys: CurveServer | None) -> None:
-    """Make a bound socket a CurveZMQ server (before ``bind``)."""
+def secure_server(sock: Any, keys: CurveServer | None, role: str | None = None) -> None:
+    """Make a bound socket a CurveZMQ server (before ``bind``) that admits the clients of ``role``
+    (a key of :data:`ROLE_DIRS`; None: the ``authorized/`` clients only)."""
     if keys is None:
         return
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_server = True
+    if role is not None:
+        sock.zap_domain = role.encode()
+
+
+def allow_ipv6(sock: Any, url: str) -> None:
+    """libzmq binds and connects to IPv6 addresses (``tcp://[::1]:5555``) only with the IPV6 option set."""
+    if url.startswith("tcp://["):
+        import zmq
+
+        sock.setsockopt(zmq.IPV6, 1)
 
 
 def secure_client(sock: Any, keys: CurveClient | None) -> None:
@@ -196,7 +238,23 @@ def start_authenticator(ctx: Any, keys: CurveServer | None):
         return None
     from zmq.auth.thread import ThreadAuthenticator
 
+    import zmq.auth
+
+    def public_keys(folder: Path) -> set[bytes]:
+        return set(zmq.auth.load_certificates(str(folder))) if folder.is_dir() else set()
+
+    class _Role:
+        """ZAP credentials for one domain: the authorized/ keys and the role's own."""
+        def __init__(self, allowed: set[bytes]):
+            self.allowed = allowed
+
+        def callback(self, domain: str, z85_key: bytes) -> bool:
+            return z85_key in self.allowed
+
+    everyone = public_keys(keys.authorized)
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=str(keys.authorized))
+    for domain, sub in ROLE_DIRS.items():
+        auth.configure_curve_callback(domain, credentials_provider=_Role(everyone | public_keys(keys.authorized.parent / sub)))
+    auth.configure_curve_callback("*", credentials_provider=_Role(everyone))
     return auth
