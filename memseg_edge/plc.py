@@ -9,6 +9,10 @@ a line controller must follow, and this one implements:
 * a heartbeat carries the ``seq`` of the last verdict: one ahead of the last verdict seen is a gap too.
 * no heartbeat for ``heartbeat_timeout`` seconds: the runtime or the network is gone; reject every part
   until heartbeats come back.
+* a heartbeat whose ``oldest_wait_s`` exceeds ``stall_timeout``: the runtime is alive but its pipeline is
+  not judging (a hung model, a stuck stage); that is silence too: reject every part until it moves.
+* a camera filter is exact: subscriptions match topics by prefix (``verdict.cam1`` also receives
+  ``verdict.cam10`` and ``verdict.cam1.x``), so each verdict's ``camera`` is checked against the filter.
 * ``seq`` going backwards: the runtime restarted; counting starts again from there.
 * ``ERROR`` is a reject.
 
@@ -32,6 +36,7 @@ class ListenReport:
     heartbeats: int = 0
     gaps: list[tuple[int, int]] = field(default_factory=list)   # (first missing seq, last missing seq)
     heartbeat_losses: int = 0
+    stalls: int = 0
     restarts: int = 0
     malformed: int = 0
     timed_out: bool = False
@@ -42,13 +47,15 @@ class ListenReport:
 
     @property
     def ok(self) -> bool:
-        return not self.gaps and not self.heartbeat_losses
+        return not self.gaps and not self.heartbeat_losses and not self.stalls
 
     def summary(self) -> str:
         parts = [f"{self.verdicts} verdicts ({', '.join(f'{k} {v}' for k, v in sorted(self.by_verdict.items())) or '-'})",
                  f"{self.heartbeats} heartbeats",
                  f"{len(self.gaps)} gaps ({self.missing} verdicts missing)",
                  f"{self.heartbeat_losses} heartbeat losses"]
+        if self.stalls:
+            parts.append(f"{self.stalls} pipeline stalls")
         if self.restarts:
             parts.append(f"{self.restarts} runtime restarts")
         if self.malformed:
@@ -58,17 +65,19 @@ class ListenReport:
 
 class VerdictListener:
     """Subscribes to a runtime's verdict endpoint. ``listen()`` calls ``on_verdict(body)`` for each verdict
-    and ``on_event(kind, message, info)`` for gaps, heartbeat loss/return, restarts and the first heartbeat."""
+    and ``on_event(kind, message, info)`` for gaps, heartbeat loss/return, pipeline stalls
+    (``stalled``/``stall_over``), restarts and the first heartbeat."""
 
     def __init__(self, endpoint: str, *, cameras: tuple[str, ...] = (), heartbeat_timeout: float = 3.0,
-                 curve: Any = None, context: Any = None):
+                 stall_timeout: float = 10.0, curve: Any = None, context: Any = None):
         import zmq
 
-        from .transport import secure_client
+        from .transport import allow_ipv6, secure_client
 
         self.endpoint = endpoint
         self.cameras = tuple(cameras)
         self.heartbeat_timeout = float(heartbeat_timeout)
+        self.stall_timeout = float(stall_timeout)
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
@@ -76,6 +85,7 @@ class VerdictListener:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        allow_ipv6(self._sock, endpoint)
         secure_client(self._sock, curve)
         self._sock.setsockopt(zmq.SUBSCRIBE, vd.HEARTBEAT_TOPIC)
         if self.cameras:
@@ -88,6 +98,7 @@ class VerdictListener:
         self._last_seq: int | None = None
         self._last_hb: float | None = None
         self._lost = False
+        self._stalled = False
         self._started = time.monotonic()
 
     def close(self) -> None:
@@ -145,6 +156,8 @@ class VerdictListener:
                     if stop is not None and stop.is_set():
                         return rep
                 else:
+                    if self.cameras and body.get("camera") not in self.cameras:
+                        continue       # a prefix match of the subscription, not one of ours
                     self._on_verdict(body, on_event)
                     on_verdict(body)
                     if target is not None and rep.verdicts >= target:
@@ -159,6 +172,19 @@ class VerdictListener:
             what = "no heartbeat yet" if self._last_hb is None else "no heartbeat"
             on_event("heartbeat_lost", f"HEARTBEAT LOST: {what} from {self.endpoint} for {now - since:.1f} s: reject "
                                        "every part until it is back", {"silent_s": round(now - since, 3)})
+
+    def _check_stall(self, body: dict, on_event) -> None:
+        wait = body.get("oldest_wait_s")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+            return              # a runtime from before heartbeats carried it: only silence can be checked
+        if not self._stalled and wait > self.stall_timeout:
+            self._stalled = True
+            self.report.stalls += 1
+            on_event("stalled", f"PIPELINE STALLED: a frame has waited {wait:.1f} s for its verdict at "
+                                f"{self.endpoint}: reject every part until verdicts move", {"oldest_wait_s": wait})
+        elif self._stalled and wait <= self.stall_timeout:
+            self._stalled = False
+            on_event("stall_over", "pipeline moving again", {"oldest_wait_s": wait})
 
     def _seq_step(self, seq: int, on_event, source: str) -> None:
         if self.cameras:   # a partial subscription sees only some of the numbers
@@ -188,6 +214,7 @@ class VerdictListener:
         if first:
             on_event("connected", f"connected to {self.endpoint} (last verdict seq {body.get('seq')})",
                      {"seq": body.get("seq")})
+        self._check_stall(body, on_event)
         seq = body.get("seq")
         if isinstance(seq, int):
             self._seq_step(seq, on_event, "heartbeat")
