@@ -1,10 +1,15 @@
 """Pictures of verdicts: the anomaly map over the frame, saved for FAIL verdicts within a disk budget,
 or shown live.
 
-Disk budget rule: when the folder would exceed ``budget_mb``, the *oldest* overlays are deleted, so the
-folder always holds the most recent failures (what an engineer looks at after a shift). Saving runs in
-its own thread behind a small queue; when the disk is slower than the failures come, overlays are
-skipped and counted, never the verdicts delayed.
+Disk budget rule: when the overlays would exceed ``budget_mb``, the *oldest* overlays are deleted, so
+the folder always holds the most recent failures (what an engineer looks at after a shift). Only files
+this saver wrote are counted or deleted: each is recorded in the folder's manifest
+(:data:`MANIFEST`, one relative path a line), and a file is deleted only when the manifest lists it,
+its name has the saver's pattern, and it lies inside the folder; anything else in the folder is left
+alone. Overlays go to ``folder/<camera>/``, where the camera name is a valid one (frames.CAMERA_NAME:
+it cannot be ``..`` or hidden). Saving runs in its own thread behind a small queue; when the disk is
+slower than the failures come, overlays are skipped and counted, never the verdicts delayed; at
+shutdown the queue is written out within a timeout, and what is left is counted and logged.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import cv2
 import numpy as np
 
 OVERLAY_SUFFIX = ".jpg"
+MANIFEST = ".memseg-overlays"
+OVERLAY_NAME = re.compile(r"^\d{8}-\d{6}_[A-Za-z0-9_.-]+_-?\d+\.\d{4}(_pass)?\.jpg$")
 
 
 def make_overlay(rgb: np.ndarray, amap: np.ndarray | None, verdict: str, score: float | None,
@@ -49,7 +56,9 @@ def make_overlay(rgb: np.ndarray, amap: np.ndarray | None, verdict: str, score: 
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))[:80] or "_"
+    """A file-name-safe form of ``text`` that never starts with a dot (so never '.' or '..')."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", str(text))[:80] or "_"
+    return "_" + slug if slug.startswith(".") else slug
 
 
 class FailureSaver:
@@ -67,14 +76,35 @@ class FailureSaver:
         self._files: deque[tuple[Path, int]] = deque()
         self._used = 0
         self._warned = False
-        existing = sorted((p for p in self.folder.rglob("*" + OVERLAY_SUFFIX) if p.is_file()),
-                          key=lambda p: p.stat().st_mtime)
-        for p in existing:   # earlier runs count against the budget too
+        self._lock = threading.Lock()
+        self._writing = False
+        self._closed = False
+        self._root = self.folder.resolve()
+        self._manifest = self.folder / MANIFEST
+        for p in self._earlier_overlays():   # earlier runs count against the budget too
             size = p.stat().st_size
             self._files.append((p, size))
             self._used += size
+        self._write_manifest()
         self._thread = threading.Thread(target=self._run, name="memseg-overlays", daemon=True)
         self._thread.start()
+
+    def _ours(self, path: Path) -> bool:
+        """A file this saver may count and delete: its naming, one folder below the root, inside the root."""
+        try:
+            inside = path.resolve().parent.parent == self._root
+        except OSError:
+            return False
+        return inside and OVERLAY_NAME.match(path.name) is not None and path.is_file() and not path.is_symlink()
+
+    def _earlier_overlays(self) -> list[Path]:
+        """The overlays earlier runs wrote (the manifest's entries that still exist), oldest first."""
+        try:
+            lines = self._manifest.read_text().splitlines()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return []
+        paths = {self.folder / line for line in lines if line and not line.startswith("/")}
+        return sorted((p for p in paths if self._ours(p)), key=lambda p: p.stat().st_mtime)
 
     def offer(self, rgb: np.ndarray, amap: np.ndarray | None, camera: str, frame_id, score: float,
               threshold: float, verdict: str = "FAIL") -> None:
@@ -85,41 +115,64 @@ class FailureSaver:
             self._event("overlays skipped (disk too slow)")
 
     def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        """Write what is queued within ``timeout`` seconds; what is left is counted and logged, not lost silently."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closed = True          # the writer stops; an overlay it is writing now counts as not written
+            left = int(self._writing)
+            while True:
+                try:
+                    left += self._queue.get_nowait() is not None
+                except queue.Empty:
+                    break
+        for _ in range(left):
+            self._event("overlays not written (shutdown)")
+        if left:
+            self._log(f"warning: {left} overlays were still queued when the runtime stopped ({timeout:g} s to write "
+                      "them were not enough); they are not written")
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if item is None:
-                return
+            with self._lock:
+                if item is None or self._closed:
+                    return
+                self._writing = True
             rgb, amap, camera, frame_id, score, threshold, verdict = item
             try:
-                self._write(rgb, amap, camera, frame_id, score, threshold, verdict)
+                outcome = self._write(rgb, amap, camera, frame_id, score, threshold, verdict)
             except Exception as exc:  # a full or read-only disk must not stop the runtime
-                self._event("overlay write errors")
+                outcome = "overlay write errors"
                 if not self._warned:
                     self._warned = True
                     self._log(f"warning: overlay not written ({type(exc).__name__}: {exc}); further write errors "
                               "are counted, not logged")
+            with self._lock:
+                self._writing = False
+                if self._closed:
+                    return
+            self._event(outcome)
 
-    def _write(self, rgb, amap, camera, frame_id, score, threshold, verdict) -> None:
+    def _write(self, rgb, amap, camera, frame_id, score, threshold, verdict) -> str:
+        """Encode and write one overlay within the budget; returns the counter for what happened."""
         image = make_overlay(rgb, amap, verdict, score, threshold, caption=f"{camera} frame {frame_id}")
         ok, data = cv2.imencode(OVERLAY_SUFFIX, image, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not ok:
             raise ValueError("OpenCV could not encode the overlay")
         size = int(data.nbytes)
         if size > self.budget:
-            self._event("overlays skipped (larger than the budget)")
-            return
+            return "overlays skipped (larger than the budget)"
         while self._files and self._used + size > self.budget:
             old, old_size = self._files.popleft()
-            try:
+            if self._ours(old):     # replaced by something else since it was written: not ours to delete
                 old.unlink()
-            except FileNotFoundError:
-                pass
+                self._event("overlays deleted (budget)")
             self._used -= old_size
-            self._event("overlays deleted (budget)")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         tag = "" if verdict == "FAIL" else f"_{verdict.lower()}"
         path = self.folder / _slug(camera) / f"{stamp}_{_slug(frame_id)}_{score:.4f}{tag}{OVERLAY_SUFFIX}"
@@ -129,7 +182,19 @@ class FailureSaver:
         tmp.replace(path)
         self._files.append((path, size))
         self._used += size
-        self._event("overlays saved")
+        self._manifest_lines += 1
+        if self._manifest_lines > 2 * len(self._files) + 1000:   # deleted ones pile up in an append-only list
+            self._write_manifest()
+        else:
+            with open(self._manifest, "a") as manifest:
+                manifest.write(f"{path.relative_to(self.folder)}\n")
+        return "overlays saved"
+
+    def _write_manifest(self) -> None:
+        tmp = self._manifest.with_name(MANIFEST + ".tmp")
+        tmp.write_text("".join(f"{p.relative_to(self.folder)}\n" for p, _ in self._files))
+        tmp.replace(self._manifest)
+        self._manifest_lines = len(self._files)
 
 
 class Display:
