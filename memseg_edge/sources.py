@@ -5,13 +5,15 @@ A *live* source (a camera) never waits for the consumer: when the runtime falls 
 frames are dropped there. A *file* source (video, images) is paced by its consumer, so every image of a
 folder is judged. A camera that stops delivering (unplugged, driver reset) is reopened with
 exponential back-off, forever, until the process stops; each such event is counted and logged once.
+A camera that has *never* delivered a frame within ``open_timeout`` seconds is a configuration error
+(wrong index, no camera): :class:`SourceFailed`. OpenCV's own warnings on every open attempt are kept
+quiet; the message logged once says what happened.
 
 The station side is the ZeroMQ "pipeline" pattern: PUSH connects to the runtime's PULL, and ZeroMQ
 reconnects by itself when the runtime restarts. ``linger`` keeps queued frames deliverable at exit.
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from pathlib import Path
@@ -20,14 +22,19 @@ from typing import Any, Callable, Iterator
 import cv2
 import numpy as np
 
-from .frames import BAD_IMAGE, BadFrame, encode
+from .frames import BAD_IMAGE, BadFrame, encode, safe_camera_name
 from .preprocess import list_images
 
 Problem = Callable[[str, str], None]     # (kind, message): count, and log the first of a kind
 
 
+class SourceFailed(RuntimeError):
+    """A source that cannot work as configured (e.g. a camera that never opened); the message says why."""
+
+
 def _sanitize(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.:\-]", "_", name)[:64] or "camera"
+    """A valid camera name (frames.CAMERA_NAME: also a safe folder name) from a file or folder name."""
+    return safe_camera_name(name, default="camera")
 
 
 def read_bgr(path: str | Path) -> np.ndarray | None:
@@ -56,29 +63,54 @@ class Capture:
     def frames(self, stop: threading.Event) -> Iterator[np.ndarray | BadFrame]:
         raise NotImplementedError
 
+    def label(self, index: int) -> str | None:
+        """What the ``index``-th frame is, for people (an image's file name); None when nothing to add."""
+        return None
+
+
+def _open_quietly(index: int):
+    """``cv2.VideoCapture(index)`` without OpenCV's warnings (it prints some on every failed attempt)."""
+    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging is None:
+        return cv2.VideoCapture(index)
+    level = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+    try:
+        return cv2.VideoCapture(index)
+    finally:
+        logging.setLogLevel(level)
+
 
 class CameraCapture(Capture):
     live = True
 
     def __init__(self, index: int, name: str | None = None, problem: Problem | None = None,
-                 backoff: tuple[float, float] = (0.5, 10.0)):
+                 backoff: tuple[float, float] = (0.5, 10.0), open_timeout: float = 0.0):
         self.index = int(index)
         self.name = _sanitize(name or f"camera{self.index}")
         self._problem = problem or (lambda kind, msg: None)
         self._backoff = backoff
+        self.open_timeout = float(open_timeout)   # 0: retry forever, even when it never opened
 
     def frames(self, stop: threading.Event) -> Iterator[np.ndarray | BadFrame]:
         delay = self._backoff[0]
         cap = None
+        started, delivered = time.monotonic(), False
         while not stop.is_set():
+            if not delivered and self.open_timeout > 0 and time.monotonic() - started >= self.open_timeout:
+                if cap is not None:
+                    cap.release()
+                raise SourceFailed(f"camera {self.index} delivered no frame within {self.open_timeout:g} s of "
+                                   "starting: check the index (ls /dev/video*) and that no other program holds the "
+                                   "camera, or wait longer with --camera-timeout S (0 = retry forever)")
             if cap is None:
-                cap = cv2.VideoCapture(self.index)
+                cap = _open_quietly(self.index)
                 if not cap.isOpened():
                     cap.release()
                     cap = None
                     self._problem("camera unavailable", f"camera {self.index} cannot be opened; retrying with back-off "
                                                         f"up to {self._backoff[1]:.0f} s")
-                    stop.wait(delay)
+                    stop.wait(self._until_timeout(delay, started, delivered))
                     delay = min(delay * 2, self._backoff[1])
                     continue
                 self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -87,13 +119,20 @@ class CameraCapture(Capture):
                 cap.release()
                 cap = None
                 self._problem("camera disconnects", f"camera {self.index} stopped delivering frames; reconnecting")
-                stop.wait(delay)
+                stop.wait(self._until_timeout(delay, started, delivered))
                 delay = min(delay * 2, self._backoff[1])
                 continue
             delay = self._backoff[0]
+            delivered = True
             yield image
         if cap is not None:
             cap.release()
+
+    def _until_timeout(self, delay: float, started: float, delivered: bool) -> float:
+        """The back-off, cut short so that a camera that never opened fails at its timeout, not after it."""
+        if delivered or self.open_timeout <= 0:
+            return delay
+        return max(0.0, min(delay, started + self.open_timeout - time.monotonic()))
 
 
 class VideoCapture(Capture):
@@ -136,6 +175,9 @@ class ImageFolderCapture(Capture):
         self.name = _sanitize(name or self.folder.name)
         self.loop = loop
 
+    def label(self, index: int) -> str | None:
+        return self.files[index % len(self.files)].name
+
     def frames(self, stop: threading.Event) -> Iterator[np.ndarray | BadFrame]:
         while not stop.is_set():
             for path in self.files:
@@ -148,10 +190,11 @@ class ImageFolderCapture(Capture):
 
 
 def open_capture(kind: str, spec: Any, name: str | None = None, loop: bool = False,
-                 problem: Problem | None = None) -> Capture:
-    """``kind``: camera (spec: index), video (file), images (folder)."""
+                 problem: Problem | None = None, camera_timeout: float = 0.0) -> Capture:
+    """``kind``: camera (spec: index), video (file), images (folder). ``camera_timeout``: see
+    :class:`CameraCapture` ``open_timeout``."""
     if kind == "camera":
-        return CameraCapture(int(spec), name, problem)
+        return CameraCapture(int(spec), name, problem, open_timeout=camera_timeout)
     if kind == "video":
         return VideoCapture(spec, name, loop)
     if kind == "images":
@@ -184,8 +227,9 @@ def publish_frames(capture: Capture, endpoint: str, *, encoding: str = "jpeg", f
     sock.setsockopt(zmq.LINGER, int(linger_s * 1000))
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-    from .transport import secure_client
+    from .transport import allow_ipv6, secure_client
 
+    allow_ipv6(sock, endpoint)
     secure_client(sock, curve)
     sock.connect(endpoint)
     sent = skipped = unreadable = 0
