@@ -23,34 +23,49 @@ for verdicts, an asynchronous ROUTER for request-reply so that a slow requester 
 Every frame that enters gets an arrival *ticket*; the publisher emits exactly one verdict per ticket, in
 ticket order, so verdicts keep each camera's order even when a bad frame's ``ERROR`` or a dropped frame's
 ``ERROR`` is known long before the frames ahead of it are judged. Back-pressure: when frames arrive faster
-than they are judged, the ingest queue fills and its *oldest* frame is dropped (counted, and answered
-with ``ERROR`` "dropped: runtime overloaded"); every other queue is bounded and blocks, so memory stays
-flat. File sources (videos, image folders) wait for room instead of dropping.
+than they are judged, the ingest queue fills and the oldest frame *of the camera with the most frames
+waiting* is dropped (counted, and answered with ``ERROR`` "dropped: runtime overloaded"), so one flooding
+station cannot get the others' frames dropped; every other queue is bounded and blocks, so memory stays
+flat (a frame kept for an overlay is kept at most :data:`OVERLAY_MAX_SIDE` pixels on its long side). File
+sources (videos, image folders) wait for room instead of dropping.
+
+The socket thread does a bounded amount of work per message (frames.py); decoding happens in the decode
+thread. Heartbeats carry the age of the oldest frame received and not yet answered and the time of the
+last verdict, so a subscriber can tell a stalled pipeline from a healthy idle one.
+
+A pipeline thread that raises is a bug: it is logged as an error, the runtime stops, and
+:attr:`Runtime.failure` says why (``memseg-edge run`` then exits non-zero), never a clean exit.
 
 Shutdown (SIGINT/SIGTERM, ``--max-frames``, the end of every file source): no new frames are accepted,
 what is queued is judged and published, a last heartbeat goes out, then the sockets close.
 """
 from __future__ import annotations
 
-import json
+import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 
 from . import frames as fr
 from . import verdicts as vd
 from .preprocess import prepare, to_rgb
 from .runtime_stats import RuntimeStats
+from .sources import SourceFailed
 
 STOP = object()                      # end-of-stream marker between the pipeline threads
 INFERENCE_FAILED = "inference failed"
 INTERNAL_ERROR = "internal error"
+SCORE_NOT_FINITE = "score not finite"
+TOO_LARGE = "message too large"
+TRANSPORT_LIMIT_FACTOR = 4           # ZeroMQ drops a connection whose message part exceeds this x --max-message-mb
+OVERLAY_MAX_SIDE = 1280              # a frame kept for an overlay or the display is shrunk to this (pixels)
 MAX_PENDING_REORDER = 10000          # safety valve: never hold more results than this for ordering
 MAX_WAITING_TRIGGERS = 1000
 
@@ -122,6 +137,7 @@ class RuntimeConfig:
     save_failures: str | None = None
     save_passes: bool = False            # with save_failures: PASS overlays too (to review what the line passes)
     save_budget_mb: float = 500.0
+    camera_timeout_s: float = 10.0       # a camera that never delivers a frame within this stops the runtime; 0: never
     display: bool = False
     max_frames: int | None = None
     stats_every: float = 10.0
@@ -148,6 +164,7 @@ class Job:
     score: float | None = None
     amap: np.ndarray | None = None
     error: str | None = None
+    label: str | None = None              # local sources: what the frame is (an image's file name)
 
 
 @dataclass(eq=False)
@@ -158,6 +175,15 @@ class Trigger:
     deadline: float
 
 
+def shrink(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """``rgb`` itself, or a copy at most ``max_side`` pixels on its long side (what an overlay needs)."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb
+    scale = max_side / max(h, w)
+    return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
 # ------------------------------------------------------------------------------------------------
 # the ingest queue
 # ------------------------------------------------------------------------------------------------
@@ -165,7 +191,10 @@ class Trigger:
 class IngestQueue:
     """Bounded FIFO (frames and bytes) between the receivers and the decode thread. Assigns each frame its
     arrival ticket under the same lock that appends it, so FIFO order is ticket order. When full, the
-    oldest waiting frame is dropped and handed to ``on_drop``; ``put(wait=True)`` waits for room instead."""
+    oldest waiting frame of the camera with the most frames waiting (most bytes, when the byte bound is
+    what is exceeded) is dropped and handed to ``on_drop``; ``put(wait=True)`` waits for room instead.
+    It also remembers when every ticketed frame arrived until :meth:`done` is called for it, so
+    :meth:`oldest_wait` is the age of the oldest frame not yet answered, wherever it is in the pipeline."""
 
     def __init__(self, max_frames: int, max_bytes: int, on_drop: Callable[[Job], None], limit: int | None = None,
                  on_limit: Callable[[], None] | None = None):
@@ -180,11 +209,15 @@ class IngestQueue:
         self._limit = limit
         self._on_limit = on_limit or (lambda: None)
         self.max_depth = 0
+        self._frames_of: Counter[str] = Counter()
+        self._bytes_of: Counter[str] = Counter()
+        self._unanswered: OrderedDict[int, float] = OrderedDict()   # ticket -> t_in, in ticket order
 
     def _admit(self, job: Job) -> bool:
         if self._closed or (self._limit is not None and self._next >= self._limit):
             return False
         job.ticket = self._next
+        self._unanswered[job.ticket] = job.t_in
         self._next += 1
         if self._limit is not None and self._next == self._limit:
             self._on_limit()
@@ -202,13 +235,44 @@ class IngestQueue:
                 return False
             self._items.append(job)
             self._bytes += job.nbytes
+            self._frames_of[job.camera] += 1
+            self._bytes_of[job.camera] += job.nbytes
             while len(self._items) > self.max_frames or (self._bytes > self.max_bytes and len(self._items) > 1):
-                old = self._items.popleft()
-                self._bytes -= old.nbytes
-                self._on_drop(old)
+                self._on_drop(self._evict(by_bytes=len(self._items) <= self.max_frames))
             self.max_depth = max(self.max_depth, len(self._items))
             self._cond.notify_all()
             return True
+
+    def _evict(self, by_bytes: bool) -> Job:
+        """Remove the oldest frame of the camera holding the most frames (or bytes) in the queue."""
+        share = self._bytes_of if by_bytes else self._frames_of
+        most = max(share.values())
+        for i, job in enumerate(self._items):
+            if share[job.camera] == most:
+                del self._items[i]
+                self._forget(job)
+                return job
+        raise AssertionError("the queue's per-camera counts disagree with its items")
+
+    def _forget(self, job: Job) -> None:
+        self._bytes -= job.nbytes
+        for counts, n in ((self._frames_of, 1), (self._bytes_of, job.nbytes)):
+            counts[job.camera] -= n
+            if counts[job.camera] <= 0:
+                del counts[job.camera]
+
+    def done(self, ticket: int) -> None:
+        """The frame with this ticket has been answered."""
+        with self._cond:
+            self._unanswered.pop(ticket, None)
+
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the oldest frame not yet answered has waited (``now``: a ``perf_counter()`` value); 0.0
+        when every frame has been answered."""
+        with self._cond:
+            if not self._unanswered:
+                return 0.0
+            return max(0.0, now - next(iter(self._unanswered.values())))
 
     def ticket(self, job: Job) -> bool:
         """Give ``job`` a ticket without queueing it (a frame answered at once, e.g. a bad header)."""
@@ -228,7 +292,7 @@ class IngestQueue:
             if not self._items:
                 return None
             job = self._items.popleft()
-            self._bytes -= job.nbytes
+            self._forget(job)
             self._cond.notify_all()
             return job
 
@@ -248,15 +312,23 @@ class IngestQueue:
 
 class Runtime:
     """``start()`` binds and starts the threads; ``run()`` also prints stats until stopped and shuts down;
-    ``request_stop()`` is safe from signal handlers and any thread; ``stop()`` = request + orderly shutdown."""
+    ``request_stop()`` is safe from signal handlers and any thread; ``stop()`` = request + orderly shutdown.
+    ``on_verdict(body, label)`` (optional) sees every verdict body after it was published (publisher thread:
+    it must return at once); ``label`` names a local source's frame (an image's file name) or is None."""
 
-    def __init__(self, config: RuntimeConfig, model: LoadedModel, log: Callable[[str], Any] = print):
+    def __init__(self, config: RuntimeConfig, model: LoadedModel, log: Callable[[str], Any] = print,
+                 on_verdict: Callable[[dict, str | None], Any] | None = None):
         self.config = config
         self.model = model
         self.log = log
+        self._on_verdict = on_verdict
         threshold = config.threshold if config.threshold is not None else model.threshold
         if threshold is None:
             raise ConfigError(f"{model.path} records no decision threshold: pass --threshold T")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            where = "--threshold" if config.threshold is not None else f"the threshold recorded for {model.path}"
+            raise ConfigError(f"{where} is {threshold!r}, not a finite number: every score would be judged against "
+                              "it; pass --threshold T with a number (the score at which a part fails)")
         self.threshold = float(threshold)
         max_batch = config.max_batch or model.max_batch or 8
         if model.max_batch is not None and max_batch > model.max_batch:
@@ -276,8 +348,11 @@ class Runtime:
         self.ingest = IngestQueue(config.queue_frames, int(config.queue_mb * (1 << 20)), self._on_drop,
                                   limit=config.max_frames, on_limit=self._on_limit)
         self._keep_rgb = bool(config.save_failures or config.display)
+        self._keep_pass_maps = bool(config.display or config.save_passes)
         self._latest: tuple | None = None       # for the display: (rgb, amap, verdict, score, camera, frame_id)
         self._seq = 0
+        self._last_verdict_ts: float | None = None
+        self.failure: str | None = None         # why the runtime stopped on its own, when it was not asked to
         self._threads: list[threading.Thread] = []
         self._source_threads: list[threading.Thread] = []
         self._sources_left = 0
@@ -297,13 +372,14 @@ class Runtime:
         import zmq
 
         from .sources import open_capture
-        from .transport import load_server_keys, secure_server, start_authenticator
+        from .transport import allow_ipv6, load_server_keys, secure_server, start_authenticator
 
         cfg = self.config
         captures = []
         for kind, specs in (("camera", cfg.cameras), ("video", cfg.videos), ("images", cfg.images)):
             for spec in specs:
-                captures.append(open_capture(kind, spec, problem=lambda k, m: self.stats.problem(k, m, frame=False)))
+                captures.append(open_capture(kind, spec, problem=lambda k, m: self.stats.problem(k, m, frame=False),
+                                             camera_timeout=cfg.camera_timeout_s))
         keys = load_server_keys(cfg.curve_keys) if cfg.curve_keys else None
         if cfg.save_failures:
             from .overlay import FailureSaver
@@ -317,11 +393,12 @@ class Runtime:
                          "EVENT_HANDSHAKE_FAILED_NO_DETAIL"):
                 monitor_events |= getattr(zmq, name, 0)
 
-            def bound(kind: int, url: str, **opts) -> Any:
+            def bound(kind: int, url: str, role: str, **opts) -> Any:
                 sock = ctx.socket(kind)
                 for opt, value in opts.items():
                     sock.setsockopt(getattr(zmq, opt), value)
-                secure_server(sock, keys)
+                allow_ipv6(sock, url)
+                secure_server(sock, keys, role)
                 try:
                     sock.bind(url)
                 except zmq.ZMQError as exc:
@@ -330,11 +407,14 @@ class Runtime:
                                       "for this machine?)") from None
                 return sock
 
-            max_msg = int(cfg.max_message_mb * (1 << 20))
-            self._pulls = [bound(zmq.PULL, url, RCVHWM=100, MAXMSGSIZE=max_msg, LINGER=0) for url in cfg.zmq]
-            self._router = bound(zmq.ROUTER, cfg.reply, RCVHWM=100, SNDHWM=1000, MAXMSGSIZE=max_msg, LINGER=1000) \
-                if cfg.reply else None
-            self._pub = bound(zmq.PUB, cfg.results, SNDHWM=10000, LINGER=1000)
+            # frames up to --max-message-mb are judged; bigger ones up to the transport limit get an ERROR verdict;
+            # beyond it ZeroMQ drops the connection (the header never arrives, so nothing can be answered)
+            wire_max = int(TRANSPORT_LIMIT_FACTOR * cfg.max_message_mb * (1 << 20))
+            self._pulls = [bound(zmq.PULL, url, "stations", RCVHWM=100, MAXMSGSIZE=wire_max, LINGER=0)
+                           for url in cfg.zmq]
+            self._router = bound(zmq.ROUTER, cfg.reply, "stations", RCVHWM=100, SNDHWM=1000, MAXMSGSIZE=wire_max,
+                                 LINGER=1000) if cfg.reply else None
+            self._pub = bound(zmq.PUB, cfg.results, "subscribers", SNDHWM=10000, LINGER=1000)
             self._reply_in = ctx.socket(zmq.PULL)
             self._reply_in.setsockopt(zmq.LINGER, 0)
             self._reply_in.bind("inproc://memseg-replies")
@@ -356,7 +436,7 @@ class Runtime:
         self._endless = bool(cfg.zmq or cfg.reply or any(c.live for c in captures))
         for target, name in ((self._socket_loop, "sockets"), (self._decode_loop, "decode"),
                              (self._infer_loop, "inference"), (self._publish_loop, "publisher")):
-            t = threading.Thread(target=target, name=f"memseg-{name}", daemon=True)
+            t = threading.Thread(target=self._stage, args=(target, name), name=f"memseg-{name}", daemon=True)
             self._threads.append(t)
         for cap in captures:
             t = threading.Thread(target=self._source_loop, args=(cap,), name=f"memseg-source-{cap.name}", daemon=True)
@@ -367,6 +447,20 @@ class Runtime:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def _stage(self, target: Callable[[], None], name: str) -> None:
+        """Run one pipeline thread; if it raises, say so loudly and stop the runtime with a failure."""
+        try:
+            target()
+        except BaseException as exc:
+            self._failed(f"the {name} thread stopped ({type(exc).__name__}: {exc}); frames in flight get no verdict "
+                         "and heartbeats stop")
+
+    def _failed(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+            self.log(f"error: {why}")
+        self.request_stop()
 
     @property
     def stopping(self) -> bool:
@@ -401,6 +495,8 @@ class Runtime:
             return
         self._shut = True
         self._stop.set()
+        if self.failure is not None:   # a stage is gone: the others may wait for it forever
+            timeout = min(timeout, 5.0)
         deadline = time.monotonic() + timeout
         for t in self._source_threads:
             t.join(max(0.1, min(5.0, deadline - time.monotonic())))
@@ -414,6 +510,8 @@ class Runtime:
         if self._saver is not None:
             self._saver.close()
         if stuck:   # a socket may only be closed by the thread that uses it: leave them to the process exit
+            if self.failure is None:
+                self.failure = f"{', '.join(stuck)} did not finish within {timeout:.0f} s"
             self.log(f"warning: {', '.join(stuck)} did not finish within {timeout:.0f} s (a hung backend?); "
                      "exiting without flushing")
         else:
@@ -461,16 +559,19 @@ class Runtime:
             for item in capture.frames(self._stop):
                 t_in = time.perf_counter()
                 if isinstance(item, fr.BadFrame):
-                    item.frame_id, item.camera = frame_id, capture.name
+                    item.frame_id, item.camera, item.label = frame_id, capture.name, capture.label(frame_id)
                     self._reject(item, t_in)
                 else:
-                    job = Job(capture.name, frame_id, t_in, image=item, nbytes=int(item.nbytes))
+                    job = Job(capture.name, frame_id, t_in, image=item, nbytes=int(item.nbytes),
+                              label=capture.label(frame_id))
                     if not self.ingest.put(job, wait=not capture.live, stop=self._stop):
                         break
                     self.stats.add("received")
                 frame_id += 1
                 if self._stop.is_set():
                     break
+        except SourceFailed as exc:
+            self._failed(str(exc))
         except Exception as exc:
             self.stats.problem("source failed", f"source {capture.name} stopped: {type(exc).__name__}: {exc}",
                                frame=False)
@@ -486,7 +587,8 @@ class Runtime:
                 reply: Callable[[list[bytes], bytes], None] | None = None) -> None:
         """A frame that cannot be judged: counted; an ERROR verdict when it named a frame_id."""
         if bad.frame_id is not None:
-            job = Job(bad.camera or "unknown", bad.frame_id, t_in, reply_to=reply_to, error=f"{bad.kind}: {bad}")
+            job = Job(bad.camera or "unknown", bad.frame_id, t_in, reply_to=reply_to, error=f"{bad.kind}: {bad}",
+                      label=getattr(bad, "label", None))
             if not self.ingest.ticket(job):
                 self.stats.event("ignored (stopping)")
                 return
@@ -499,10 +601,19 @@ class Runtime:
         if reply_to is not None and reply is not None:
             reply(reply_to, vd.dumps({"v": vd.VERDICT_VERSION, "type": "error", "error": f"{bad.kind}: {bad}"}))
 
-    def _on_frame(self, parts: list, reply_to: list[bytes] | None = None,
+    def _on_frame(self, parts: list, n_parts: int, total: int, reply_to: list[bytes] | None = None,
                   reply: Callable[[list[bytes], bytes], None] | None = None) -> None:
+        """``parts``: the first parts of a message of ``n_parts`` parts and ``total`` bytes."""
         t_in = time.perf_counter()
         try:
+            limit = self.config.max_message_mb * (1 << 20)
+            if total > limit or n_parts != 2:
+                frame_id, camera = fr.named(parts[0]) if parts else (None, None)
+                if total > limit:
+                    raise fr.BadFrame(TOO_LARGE, f"a message of {total / (1 << 20):.1f} MB is more than --max-message-mb "
+                                                 f"{self.config.max_message_mb:g}", frame_id, camera)
+                raise fr.BadFrame(fr.MALFORMED, f"expected 2 message parts [header, payload], found {n_parts}",
+                                  frame_id, camera)
             header = fr.parse_frame(parts)
         except fr.BadFrame as bad:
             self._reject(bad, t_in, reply_to, reply)
@@ -518,16 +629,17 @@ class Runtime:
                 reply(reply_to, vd.dumps({"v": vd.VERDICT_VERSION, "type": "error",
                                           "error": "runtime is stopping: frame not judged"}))
 
-    def _on_request(self, parts: list, reply: Callable[[list[bytes], bytes], None]) -> None:
+    def _on_request(self, parts: list, n_parts: int, total: int, reply: Callable[[list[bytes], bytes], None]) -> None:
         """A ROUTER message: ``[identity, (empty,) header, payload]`` from REQ/DEALER; a frame or a trigger."""
         if len(parts) >= 2 and len(parts[1]) == 0:
             envelope, rest = [bytes(p) for p in parts[:2]], parts[2:]
         else:
             envelope, rest = [bytes(parts[0])], parts[1:]
-        if len(rest) == 1:
+        n_rest = n_parts - len(envelope)
+        if n_rest == 1:
             try:
-                obj = json.loads(bytes(rest[0]).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
+                obj = fr.load_json(rest[0])
+            except fr.BadFrame:
                 obj = None
             if isinstance(obj, dict) and obj.get("trigger") is True:
                 camera = obj.get("camera")
@@ -540,12 +652,28 @@ class Runtime:
                 deadline = time.perf_counter() + self.config.trigger_timeout_s
                 self._results.put(Trigger(envelope, camera, self.ingest.mark(), deadline))
                 return
-        self._on_frame(rest, envelope, reply)
+        self._on_frame(rest, n_rest, total, envelope, reply)
 
     # -- the socket thread -----------------------------------------------------------------------
     def _socket_loop(self) -> None:
         import zmq
         from zmq.utils.monitor import recv_monitor_message
+
+        def receive(sock, keep: int) -> tuple[list, int, int] | None:
+            """One message without holding more than its first ``keep`` parts: (parts, number of parts, bytes)."""
+            try:
+                first = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            parts, n, total, more = [first], 1, len(first), first.more
+            while more:
+                part = sock.recv(copy=False)
+                n += 1
+                total += len(part)
+                more = part.more
+                if n <= keep + 1:      # one more than a valid message has, so the count is reported right
+                    parts.append(part)
+            return parts, n, total
 
         poller = zmq.Poller()
         inputs = list(self._pulls) + ([self._router] if self._router else [])
@@ -588,18 +716,16 @@ class Runtime:
                 for s in self._pulls:
                     if accepting and s in events:
                         for _ in range(256):   # fair between sockets: a bounded burst each
-                            try:
-                                parts = s.recv_multipart(zmq.NOBLOCK, copy=False)
-                            except zmq.Again:
+                            message = receive(s, 2)
+                            if message is None:
                                 break
-                            self._guard(self._on_frame, parts)
+                            self._guard(self._on_frame, *message)
                 if router is not None and accepting and router in events:
                     for _ in range(256):
-                        try:
-                            parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
+                        message = receive(router, 4)
+                        if message is None:
                             break
-                        self._guard(self._on_request, parts, reply)
+                        self._guard(self._on_request, *message, reply)
                 if self._reply_in in events:
                     drain_replies()
                 for m in self._monitors:
@@ -655,7 +781,7 @@ class Runtime:
                 self._fail(job, fr.BAD_IMAGE, f"{type(exc).__name__}: {exc}")
                 continue
             self.stats.timings(queue=t0 - job.t_in, decode=t1 - t0, preprocess=t2 - t1)
-            job.rgb = rgb if self._keep_rgb else None
+            job.rgb = shrink(rgb, OVERLAY_MAX_SIDE) if self._keep_rgb else None
             job.payload = job.image = None
             job.t_ready = t2
             self._ready.put(job)
@@ -704,7 +830,10 @@ class Runtime:
             self.stats.timing("inference", dt)
             job.prepared = None
             job.score = float(score[i])
-            if self.config.display or (self._saver is not None and job.score >= self.threshold):
+            if not math.isfinite(job.score):   # NaN compares false with any threshold: it would pass
+                self._fail(job, SCORE_NOT_FINITE, f"the model returned a score of {job.score} for this frame")
+                continue
+            if job.rgb is not None and (job.score >= self.threshold or self._keep_pass_maps):
                 job.amap = np.array(amap[i, 0], copy=True)
             self._results.put(job)
 
@@ -764,11 +893,7 @@ class Runtime:
             for t in triggers:
                 self._reply(t.envelope, self._trigger_error(t, "runtime stopped before a frame came"))
             self._heartbeat()
-        except Exception as exc:   # must not happen; if it does, say so loudly: the PLC sees heartbeats stop
-            self.log(f"error: the publisher stopped ({type(exc).__name__}: {exc}); no more verdicts or heartbeats")
-            self.request_stop()
-            raise
-        finally:
+        finally:   # an exception here is reported by _stage; the socket thread must not wait for it
             self._published_all.set()
 
     def _trigger_error(self, trig: Trigger, why: str) -> bytes:
@@ -786,7 +911,9 @@ class Runtime:
                                frame=False)
 
     def _heartbeat(self) -> None:
-        body = vd.heartbeat_body(seq=self._seq, ts=time.time(), counters=self.stats.counters())
+        body = vd.heartbeat_body(seq=self._seq, ts=time.time(), counters=self.stats.counters(),
+                                 oldest_wait_s=self.ingest.oldest_wait(time.perf_counter()),
+                                 last_verdict_ts=self._last_verdict_ts)
         self._pub.send_multipart([vd.HEARTBEAT_TOPIC, vd.dumps(body)])
 
     def _emit(self, job: Job, triggers: list[Trigger]) -> None:
@@ -795,12 +922,16 @@ class Runtime:
             verdict, score = vd.ERROR, None
         else:
             verdict, score = vd.decide(job.score, self.threshold), job.score
+            if verdict == vd.ERROR:
+                job.error = f"{SCORE_NOT_FINITE}: score {job.score}"
         self._seq += 1
         body = vd.verdict_body(seq=self._seq, camera=job.camera, frame_id=job.frame_id, verdict=verdict, score=score,
                                threshold=self.threshold, latency_ms=(t0 - job.t_in) * 1000.0,
                                model=self.model.model_id, error=job.error)
         data = vd.dumps(body)
         self._pub.send_multipart([vd.verdict_topic(job.camera), data])
+        self._last_verdict_ts = time.time()
+        self.ingest.done(job.ticket)
         t1 = time.perf_counter()
         if verdict == vd.ERROR:
             self.stats.count(verdicts=1)
@@ -819,3 +950,5 @@ class Runtime:
         if self.config.display and job.rgb is not None:
             self._latest = (job.rgb, job.amap, verdict, score, job.camera, job.frame_id)
         job.rgb = job.amap = None
+        if self._on_verdict is not None:
+            self._on_verdict(body, job.label)

@@ -99,14 +99,15 @@ def _source_options(f):
 # ------------------------------------------------------------------------------------------------
 
 @click.command("run", context_settings={"max_content_width": 110})
-@click.option("--model", required=True, type=click.Path(exists=True),
-              help="A bundle folder or one of its .onnx files (onnxruntime, CPU), or a .engine file built by "
+@click.option("--model", type=click.Path(exists=True),
+              help="Required. A bundle folder or one of its .onnx files (onnxruntime, CPU), or a .engine file built by "
                    "`memseg-edge build-engine` (TensorRT on the GPU; its .engine.json sidecar is checked first).")
 @click.option("--zmq", "zmq_endpoints", multiple=True, metavar="ENDPOINT",
               help="Bind a frame endpoint (PULL) that camera stations connect to (repeatable). " + ENDPOINT_HELP)
 @_source_options
-@click.option("--results", required=True, metavar="ENDPOINT",
-              help="Bind the verdict endpoint (PUB): one [verdict.<camera>, JSON] per frame plus a heartbeat.")
+@click.option("--results", metavar="ENDPOINT",
+              help="Required. Bind the verdict endpoint (PUB): one [verdict.<camera>, JSON] per frame plus a "
+                   "heartbeat.")
 @click.option("--reply", default=None, metavar="ENDPOINT",
               help="Bind a request-reply endpoint (ROUTER; REQ or DEALER clients): send a frame [header, payload] "
                    "and get its verdict, or {\"trigger\": true, \"camera\": NAME} for that camera's next verdict.")
@@ -134,6 +135,10 @@ def _source_options(f):
               help="Write the final counters and latencies here as JSON at exit.")
 @click.option("--heartbeat", "heartbeat_s", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="Seconds between heartbeats on the verdict endpoint.")
+@click.option("--camera-timeout", "camera_timeout_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="A --camera that delivers no frame within S seconds of starting stops the runtime with an error "
+                   "(0 = keep retrying). Once it has delivered, drop-outs are retried forever.")
+@click.option("--quiet", is_flag=True, help="Do not print a line per verdict on the console (stdout).")
 @click.option("--trigger-timeout", "trigger_timeout_s", type=click.FloatRange(min=0.01), default=5.0,
               show_default=True, help="A trigger with no frame from its camera within S seconds is answered ERROR.")
 @click.option("--curve-keys", type=click.Path(exists=True, file_okay=False), default=None,
@@ -142,7 +147,7 @@ def _source_options(f):
 @threads_option
 def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, threshold, max_batch, max_wait_ms,
             queue_frames, save_failures, save_passes, save_budget_mb, display, max_frames, stats_every, stats_json, heartbeat_s,
-            trigger_timeout_s, curve_keys, threads):
+            camera_timeout_s, quiet, trigger_timeout_s, curve_keys, threads):
     """Judge frames from camera stations and local sources; publish a verdict per frame.
 
     \b
@@ -158,10 +163,20 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
     Verdicts (JSON): v, type, seq (gap-free, all cameras), camera, frame_id, verdict PASS|FAIL|ERROR,
     score, threshold, latency_ms, model, error. Bad input never stops the runtime: it is counted, logged
     once per kind, and answered with ERROR when it named a frame_id. SIGINT/SIGTERM: stop taking frames,
-    judge and publish what is in flight, exit.
+    judge and publish what is in flight, exit. One line per verdict on stdout (--quiet: none); logs on stderr.
+
+    Exit code: 0 frames were judged; 1 refused to start, a pipeline stage failed, a camera never opened,
+    or it stopped before any frame was judged; 2 options missing or wrong; 130 a second Ctrl-C.
     """
     from .runtime import ConfigError, Runtime, RuntimeConfig, load_model
     from .transport import all_interfaces
+
+    missing = [name for name, value in (("--model MODEL", model), ("--results ENDPOINT", results)) if not value]
+    if missing:
+        if not (zmq_endpoints or cameras or videos or images or reply):
+            missing.append("a frame source (no frame source: --zmq ENDPOINT, --camera IDX, --video FILE, --images DIR "
+                           "or --reply ENDPOINT)")
+        raise click.UsageError("missing " + ", ".join(missing))
 
     zmq_urls = [_endpoint(e, bind=True, option="--zmq") for e in zmq_endpoints]
     results_url = _endpoint(results, bind=True, option="--results")
@@ -183,10 +198,11 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
                            max_wait_ms=max_wait_ms, queue_frames=queue_frames, save_failures=save_failures,
                            save_passes=save_passes, save_budget_mb=save_budget_mb, display=display, max_frames=max_frames,
                            stats_every=stats_every, heartbeat_s=heartbeat_s, trigger_timeout_s=trigger_timeout_s,
-                           curve_keys=curve_keys)
+                           curve_keys=curve_keys, camera_timeout_s=camera_timeout_s)
+    printer = None if quiet else _VerdictPrinter()
     try:
         loaded = load_model(model, threads=threads, log=_log)
-        runtime = Runtime(config, loaded, log=_log)
+        runtime = Runtime(config, loaded, log=_log, on_verdict=printer.offer if printer else None)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     _log(f"model {loaded.describe()}; threshold {runtime.threshold:.6g}"
@@ -203,11 +219,65 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
 
     with _Signals(runtime.request_stop, "stopping: judging the frames in flight"):
         snapshot = runtime.run(on_tick=_display_tick(display_window, runtime) if display_window else None)
+    if printer is not None:
+        printer.close()
     if display_window is not None:
         display_window.close()
     if stats_json:
         Path(stats_json).parent.mkdir(parents=True, exist_ok=True)
         Path(stats_json).write_text(json.dumps(snapshot, indent=2))
+    if runtime.failure is not None:     # already logged as an error when it happened
+        sys.exit(1)
+    if snapshot["judged"] == 0:
+        _log(f"error: nothing was judged ({snapshot['received']} frames received, {snapshot['verdicts']} answered "
+             "ERROR or dropped): exiting with code 1")
+        sys.exit(1)
+
+
+class _VerdictPrinter:
+    """One line per verdict on stdout, written by its own thread behind a bounded queue, so a slow or
+    blocked terminal never delays a verdict (lines it cannot keep up with are skipped and counted)."""
+
+    def __init__(self, size: int = 1000):
+        import queue
+
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self.skipped = 0
+        self._thread = threading.Thread(target=self._run, name="memseg-console", daemon=True)
+        self._thread.start()
+
+    def offer(self, body: dict, label: str | None) -> None:
+        import queue
+
+        try:
+            self._queue.put_nowait((body, label))
+        except queue.Full:
+            self.skipped += 1
+
+    def _run(self) -> None:
+        from .plc import format_verdict
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            body, label = item
+            try:
+                click.echo(format_verdict(body) + (f"  {label}" if label else ""))
+            except (OSError, ValueError):   # stdout closed: stop printing, keep judging
+                return
+
+    def close(self, timeout: float = 5.0) -> None:
+        import queue
+
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(timeout)
+        if self.skipped:
+            _log(f"{self.skipped} verdict lines were not printed (the console was too slow); the verdicts were "
+                 "published")
 
 
 def _display_tick(window, runtime):
@@ -300,8 +370,12 @@ def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, coun
 @click.option("--camera", "cameras", multiple=True, help="Only this camera's verdicts (repeatable; turns gap checks off).")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
               help="Seconds without a heartbeat that count as heartbeat loss.")
+@click.option("--stall-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="A heartbeat saying a frame has waited longer than S seconds for its verdict counts as a stalled "
+                   "pipeline: silence, as a lost heartbeat is.")
 @_curve_client_options
-def plc_listen_cmd(endpoint, count, timeout, as_json, cameras, heartbeat_timeout, curve_keys, curve_client):
+def plc_listen_cmd(endpoint, count, timeout, as_json, cameras, heartbeat_timeout, stall_timeout, curve_keys,
+                   curve_client):
     """Subscribe to a runtime's verdicts (ENDPOINT: its --results), print them, and check the stream the way
     a PLC gateway must: sequence gaps, heartbeat loss, runtime restarts.
 
@@ -310,8 +384,9 @@ def plc_listen_cmd(endpoint, count, timeout, as_json, cameras, heartbeat_timeout
       memseg-edge plc-listen 5556
       memseg-edge plc-listen line3-edge:5556 --json --count 100 --timeout 60
 
-    Exit code: 0 no gap and no heartbeat loss; 1 a gap or a heartbeat loss was seen (a line controller
-    must reject the parts concerned); 2 --timeout passed before --count verdicts arrived.
+    Exit code: 0 no gap, no heartbeat loss, no stall; 1 a gap, a heartbeat loss or a stalled pipeline was
+    seen (a line controller must reject the parts concerned); 2 --timeout passed before --count verdicts
+    arrived. With --camera, only verdicts whose camera is exactly one of those given are taken.
     """
     from .plc import VerdictListener, format_verdict
 
@@ -330,13 +405,15 @@ def plc_listen_cmd(endpoint, count, timeout, as_json, cameras, heartbeat_timeout
 
     if not as_json:
         _log(f"listening to {url}" + (f" (cameras {', '.join(cameras)})" if cameras else ""))
-    with VerdictListener(url, cameras=tuple(cameras), heartbeat_timeout=heartbeat_timeout, curve=keys) as listener, \
+    with VerdictListener(url, cameras=tuple(cameras), heartbeat_timeout=heartbeat_timeout, stall_timeout=stall_timeout,
+                         curve=keys) as listener, \
             _Signals(stop.set, "stopping"):
         report = listener.listen(count=count, timeout=timeout, stop=stop, on_verdict=on_verdict, on_event=on_event)
     if as_json:
         click.echo(json.dumps({"type": "summary", "verdicts": report.verdicts, "by_verdict": dict(report.by_verdict),
                                "gaps": report.gaps, "missing": report.missing, "heartbeats": report.heartbeats,
-                               "heartbeat_losses": report.heartbeat_losses, "restarts": report.restarts,
+                               "heartbeat_losses": report.heartbeat_losses, "stalls": report.stalls,
+                               "restarts": report.restarts,
                                "timed_out": report.timed_out}))
     else:
         _log(report.summary())
@@ -353,23 +430,31 @@ def plc_listen_cmd(endpoint, count, timeout, as_json, cameras, heartbeat_timeout
 @click.command("keys", context_settings={"max_content_width": 110})
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--client", "clients", multiple=True,
-              help="A client (camera station or PLC gateway) to make a key pair for (repeatable; default 'station').")
-def keys_cmd(folder, clients):
+              help="A client that may send frames and read verdicts (repeatable; default 'station' when no "
+                   "client of any kind is named).")
+@click.option("--station", "stations", multiple=True,
+              help="A camera station: may send frames (--zmq, --reply), may not read verdicts (repeatable).")
+@click.option("--subscriber", "subscribers", multiple=True,
+              help="A PLC gateway or other subscriber: may read verdicts, may not send frames (repeatable).")
+def keys_cmd(folder, clients, stations, subscribers):
     """Make CurveZMQ keys for `run --curve-keys`, `camera --curve-keys` and `plc-listen --curve-keys`.
 
     \b
     Writes, in FOLDER:
       server.key, server.key_secret   the runtime's pair
-      NAME.key, NAME.key_secret       one pair per client (--client NAME)
-      authorized/NAME.key             the clients the runtime accepts
+      NAME.key, NAME.key_secret       one pair per client (--client, --station, --subscriber NAME)
+      authorized/NAME.key             clients the runtime accepts on every endpoint
+      stations/NAME.key               clients that may only send frames
+      subscribers/NAME.key            clients that may only read verdicts
     Existing keys are kept. The runtime's machine keeps server.key_secret and authorized/ (it never
     leaves that machine); give each client server.key and its own NAME.key_secret, nothing else.
-    Revoke a client by deleting authorized/NAME.key and restarting the runtime.
+    Revoke a client by deleting its NAME.key from those folders and restarting the runtime.
     """
     from .transport import make_keys
 
     try:
-        written = make_keys(folder, tuple(clients) or ("station",))
+        default = () if clients or stations or subscribers else ("station",)
+        written = make_keys(folder, tuple(clients) or default, stations=tuple(stations), subscribers=tuple(subscribers))
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--client") from None
     for path in written:
