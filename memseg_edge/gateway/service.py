@@ -158,10 +158,12 @@ class Gateway:
                 post(state.on_gap, info["first"], info["last"])
             elif kind == "restart":
                 post(state.on_restart)
-            if kind in ("gap", "restart", "heartbeat_lost", "heartbeat_back", "connected", "malformed"):
+            if kind in ("gap", "restart", "heartbeat_lost", "heartbeat_back", "connected", "malformed", "stalled",
+                        "stall_over"):
                 self.log(message)
 
-        with VerdictListener(self.config.results, heartbeat_timeout=self.config.stale_ms / 1000.0,
+        stale_s = self.config.stale_ms / 1000.0   # the listener's stall rule is the state's (oldest_wait_s > stale)
+        with VerdictListener(self.config.results, heartbeat_timeout=stale_s, stall_timeout=stale_s,
                              curve=self.config.curve) as listener:
             listener.listen(stop=self._stop, on_verdict=lambda body: post(state.on_verdict, body),
                             on_heartbeat=lambda body: post(state.on_heartbeat, body), on_event=on_event)
