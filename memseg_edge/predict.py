@@ -40,14 +40,17 @@ class Prediction:
     error: str = ""
 
 
-def collect_images(inputs: Iterable[str | Path]) -> list[tuple[Path, Path]]:
-    """Image files and folders (searched recursively, in name order) -> ``[(file, the folder it was found
-    under or the file itself)]``; raises :class:`FileNotFoundError` / :class:`ValueError` with what was wrong."""
+def collect_images(inputs: Iterable[str | Path], exclude: str | Path | None = None) -> list[tuple[Path, Path]]:
+    """Image files and folders (searched recursively, in name order, skipping the folder ``exclude``: the
+    output of an earlier run) -> ``[(file, the folder it was found under or the file itself)]``; raises
+    :class:`FileNotFoundError` / :class:`ValueError` with what was wrong."""
+    skip = Path(exclude).resolve() if exclude is not None else None
     found: list[tuple[Path, Path]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not (skip is not None and skip in p.resolve().parents))
             if not files:
                 raise ValueError(f"no images ({' '.join(IMAGE_SUFFIXES)}) in {path} or its sub-folders")
             found += [(p, path) for p in files]
@@ -94,7 +97,7 @@ def predict(model: str | Path, inputs: Iterable[str | Path], out_dir: str | Path
     threshold (default: the model's, from ``model.json``); ``on_result`` is called per image, in order."""
     from .runtime import load_model
 
-    found = collect_images(inputs)
+    found = collect_images(inputs, exclude=out_dir)
     loaded = load_model(model, threads=threads, log=log)
     thr = loaded.threshold if threshold is None else float(threshold)
     if thr is None or not math.isfinite(thr):

@@ -86,6 +86,14 @@ def test_an_unreadable_image_is_an_error_row_never_a_pass_and_the_exit_is_1(bund
     assert "could not be judged" in result.output and "predictions.csv" in result.output
 
 
+def test_overlays_of_an_earlier_run_inside_the_image_folder_are_not_judged(bundle, images):
+    from memseg_edge.predict import predict
+
+    first = predict(bundle, [images], images / "predictions", log=lambda m: None)
+    second = predict(bundle, [images], images / "predictions", log=lambda m: None)
+    assert first["images"] == second["images"] == 3
+
+
 def test_a_nan_score_is_an_error_not_a_pass(bundle, images, tmp_path, monkeypatch):
     def nan_infer(self, batch):
         return np.zeros((len(batch), 1, 16, 16), np.float32), np.full(len(batch), np.nan, np.float32)
