@@ -99,6 +99,8 @@ def predict(model: str | Path, inputs: Iterable[str | Path], out_dir: str | Path
 
     found = collect_images(inputs, exclude=out_dir)
     loaded = load_model(model, threads=threads, log=log)
+    if threshold is not None and not math.isfinite(threshold):
+        raise ValueError(f"the threshold must be a number, found {threshold}: pass --threshold T (score >= T is FAIL)")
     thr = loaded.threshold if threshold is None else float(threshold)
     if thr is None or not math.isfinite(thr):
         raise ValueError(f"{model} records no decision threshold: pass --threshold T (score >= T is FAIL)")

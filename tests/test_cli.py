@@ -43,3 +43,30 @@ def test_synth_preview_writes_a_grid_of_samples_and_masks(bottle_root, tmp_path)
     grid = cv2.imread(str(out))
     assert grid.shape == (2 * 128, 4 * 2 * 128, 3)
     assert "threshold" in result.output  # the bottle preset is shown, so the user knows what was used
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_demo_takes_imagenet_weights_the_torchvision_way_and_says_so_when_offline(monkeypatch, online):
+    import socket
+    import urllib.error
+
+    torchvision = pytest.importorskip("torchvision")
+    from memseg_edge.demo import DOWNLOAD_TIMEOUT_S, imagenet_weights
+
+    seen = {}
+
+    def get_state_dict(self, progress=True, check_hash=True):
+        seen["timeout"] = socket.getdefaulttimeout()
+        if not online:
+            raise urllib.error.URLError("Name or service not known")
+        return {}
+
+    monkeypatch.setattr(torchvision.models.MobileNet_V2_Weights, "get_state_dict", get_state_dict)
+    before = socket.getdefaulttimeout()
+    lines: list[str] = []
+    assert imagenet_weights(lines.append) == ("imagenet" if online else "none")
+    assert seen["timeout"] == DOWNLOAD_TIMEOUT_S and socket.getdefaulttimeout() == before   # offline never hangs
+    if online:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and "no ImageNet weights" in lines[0] and "download failed" in lines[0]

@@ -122,3 +122,9 @@ def test_predict_with_a_bundle_never_imports_torch(bundle, images, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
     assert (tmp_path / "o" / "predictions.csv").is_file()
+
+
+def test_a_threshold_that_is_not_a_number_is_refused(bundle, images, tmp_path):
+    result = _run([bundle, images, "--out", tmp_path / "out", "--threshold", "nan"])
+    assert result.exit_code == 1 and "the threshold must be a number" in result.output
+    assert not (tmp_path / "out" / "predictions.csv").exists()
