@@ -134,7 +134,7 @@ def run_demo(out: str | Path, *, backbone_weights: str | None = None, iterations
     cfg = apply_overrides(MemSegConfig(), {
         "data.root": str(data), "data.category": DEMO_CATEGORY, "data.image_size": 64,
         "model.backbone": "mobilenet_v2", "model.backbone_weights": weights, "model.memory_samples": 8,
-        "synthesis.textures": "", "synthesis.foreground.method": "threshold", "synthesis.foreground.threshold": 80,
+        "synthesis.textures": "none", "synthesis.foreground.method": "threshold", "synthesis.foreground.threshold": 80,
         "train.iterations": int(iterations), "train.batch_size": 4, "train.num_workers": 0,
         "train.warmup_iterations": min(10, int(iterations)), "train.checkpoint_every": 0, "train.log_every": 50})
     encoder = "random" if weights == "none" else "ImageNet" if weights == "imagenet" else weights
