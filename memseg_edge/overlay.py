@@ -140,7 +140,10 @@ class FailureSaver:
         while True:
             item = self._queue.get()
             with self._lock:
-                if item is None or self._closed:
+                if item is None:
+                    return
+                if self._closed:     # taken just as close() counted what was left
+                    self._event("overlays not written (shutdown)")
                     return
                 self._writing = True
             rgb, amap, camera, frame_id, score, threshold, verdict = item

@@ -533,7 +533,7 @@ def test_overlays_queued_at_shutdown_are_written_or_counted(tmp_path):
 
     def slow(*a):
         time.sleep(0.2)
-        original(*a)
+        return original(*a)
 
     saver._write = slow
     for i in range(6):
