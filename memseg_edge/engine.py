@@ -578,6 +578,7 @@ def compare_with_onnx(engine_path: str | Path, images: str | Path | None = None,
 
     from .backends import OnnxRuntimeBackend
     from .cuda_env import cuda_device
+    from .threads import configured, default_threads
 
     engine = Path(engine_path)
     meta = load_engine_meta(engine)
@@ -599,7 +600,7 @@ def compare_with_onnx(engine_path: str | Path, images: str | Path | None = None,
         log(f"not compared with {onnx_name}: {record['reason']}")
         return record
     try:
-        reference = OnnxRuntimeBackend(onnx_path)
+        reference = OnnxRuntimeBackend(onnx_path, threads=configured() or default_threads())
         batch, source = _comparison_batch(images, trt_backend.image_size, n)
         map_e, score_e = trt_backend.infer(batch)
         map_o, score_o = reference.infer(batch)
