@@ -197,6 +197,21 @@ def test_every_batch_gets_the_smallest_tile_and_reads_the_bank_once_up_to_32():
     assert set(kernels.kernel_constants()["ROWS"]) == set(kernels.TILES)
 
 
+@pytest.mark.parametrize("levels", [((64, 64, 64), (128, 32, 32), (256, 16, 16)), ((3, 5, 7),), ((24, 16, 16), (5, 1, 3))])
+@pytest.mark.parametrize("samples", [1, 4, 30, 129, 5000])
+def test_workspace_never_exceeds_what_first_kernel_engines_reserve(levels, samples):
+    """Engines built with the first kernel (plugin version 1) reserved 4 x N x M x sum(ceil(C*H*W / 4096))
+    bytes; the plan must fit in that for every batch and device, so those engines stay safe to run."""
+    step = kernels.MemoryStep(levels, samples)
+    first = sum(-(-d // 4096) for d in step.sizes)
+    assert len(levels) <= step.max_parts <= first
+    for batch in (1, 7, 32, 40):
+        assert step.workspace_bytes(batch) <= 4 * batch * samples * first
+        for half in (False, True):
+            for sms in (1, 16, 132, 1000):
+                assert kernels.plan_geometry(step, batch, half, sms).n_parts <= step.max_parts
+
+
 SHAPES_ODD = [((3, 5, 7),), ((3, 5, 7), (8, 4, 4)), ((24, 16, 16), (32, 8, 8), (96, 4, 4)),
               ((1, 1, 1), (2, 3, 1), (5, 1, 3))]
 

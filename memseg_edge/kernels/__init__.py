@@ -26,6 +26,7 @@ TILES = (1, 2, 4, 8, 16, 32)       # the compile-time tiles: one launch-1 kernel
 MAX_TILE = TILES[-1]               # up to this batch the bank is read once
 VECTOR_BYTES = 16
 PARTIAL_BUDGET = 4096              # partial sums per image (samples x parts): what every launch-2 block reads
+FIRST_KERNEL_CHUNK = 4096          # the first kernel's partials: one per this many elements of a level
 TARGET_BLOCKS_PER_SM = 4
 DEFAULT_SM_COUNT = 132             # an H100/H200; the launcher passes the device's own count
 DIFF_CHUNK_MIN, DIFF_CHUNK_MAX = 2048, 16384
@@ -86,8 +87,11 @@ class MemoryStep:
 
     @property
     def max_parts(self) -> int:
-        """The most parts a plan cuts the levels into (bounds the workspace and launch 2's reads)."""
-        return max(len(self.levels), PARTIAL_BUDGET // self.samples)
+        """The most parts a plan cuts the levels into (bounds the workspace and launch 2's reads). Never more
+        than the partials engines built with the first kernel reserve (one per 4096 elements of each level),
+        so their workspace stays large enough and the plugin's version 1 contract holds."""
+        first_kernel = sum(-(-d // FIRST_KERNEL_CHUNK) for d in self.sizes)
+        return min(max(len(self.levels), PARTIAL_BUDGET // self.samples), first_kernel)
 
     def index_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, len(self.levels)) if self.per_level else (batch,)
