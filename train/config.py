@@ -52,13 +52,15 @@ class ModelConfig:
     """Kernel of a stride-1 average pool over the frozen features (1 = off). The paper is silent; the
     authors' released code smooths with 3x3, which makes the difference maps robust to one-pixel
     misalignment."""
-    smooth_skip_features: bool = False
-    """Whether the decoder's skip features are the smoothed ones too. ``False`` (the authors' code): smooth
-    only for the comparison with the memory bank; the fused skips keep the sharp features. Chosen on the
-    defect probe of bottle and magnetic_tile (BENCHMARKS.md, "Recipe choices")."""
-    stem_skip: bool = True
+    smooth_skip_features: bool = True
+    """Whether the decoder's skip features are the smoothed ones too (this project's first design). ``False``
+    (the authors' code): smooth only for the comparison with the memory bank; the fused skips keep the sharp
+    features. To be decided on the defect probe of bottle and magnetic_tile by the rule in BENCHMARKS.md
+    ("Recipe choices"); until it is, the previous design stays the default."""
+    stem_skip: bool = False
     """The frozen stem's stride-2 output as the decoder's skip at stride 2 (the authors' code concatenates
-    it; without it the stride-2 stage has no skip). Chosen on the defect probe of both products."""
+    it; without it the stride-2 stage has no skip). Default off until the probe of both products decides
+    (BENCHMARKS.md, "Recipe choices")."""
     use_memory: bool = True
     use_multiscale: bool = True
     use_spatial_attention: bool = True
