@@ -57,6 +57,10 @@ def test_model_json_describes_the_bundle(bottle_model):
         assert key in meta, key
     assert meta["image_size"] == 96 and meta["backbone"] == "mobilenet_v2" and meta["memory_samples"] == 8
     assert "held-out good" in meta["threshold"]["rule"]
+    # What the threshold promises for new good parts travels with the bundle (8 memory + 21 held out of 209).
+    t = meta["threshold"]
+    assert t["n_good"] == 21 and t["expected_frr"] == pytest.approx((21 * t["achieved_frr"] + 1) / 22)
+    assert t["expected_frr"] <= t["frr_upper_95"] < 1 and t["resolved"] is False and t["images_needed"] == 99
     assert meta["files"]["model.onnx"]["sha256"] == sha256_file(bottle_model["bundle"] / "model.onnx")
 
 
