@@ -336,10 +336,10 @@ def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, coun
         raise click.UsageError("give exactly one source: --camera IDX, --video FILE or --images DIR "
                                "(run one station per camera)")
     if name is not None:
-        from .frames import valid_camera_name
+        from .frames import CAMERA_RULE, valid_camera_name
 
         if not valid_camera_name(name):
-            raise click.BadParameter("1-64 characters of letters, digits, '_', '.', ':', '-'", param_hint="--name")
+            raise click.BadParameter(CAMERA_RULE, param_hint="--name")
     url = _endpoint(publish, bind=False, option="--publish")
     keys = _client_keys(curve_keys, curve_client)
     kind, spec = given[0]

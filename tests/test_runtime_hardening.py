@@ -303,6 +303,8 @@ def test_camera_names_are_safe_path_components(tmp_path):
     (tmp_path / "imgs" / "sub").mkdir()
     capture = ImageFolderCapture(f"{tmp_path}/imgs/sub/..")     # a folder whose name is ".."
     assert fr.valid_camera_name(capture.name), capture.name
+    r = CliRunner().invoke(main, ["camera", "--images", str(tmp_path / "imgs"), "--publish", "5555", "--name", ".."])
+    assert r.exit_code == 2 and "starting with a letter" in r.output, r.output
 
 
 def test_overlays_stay_in_their_folder_and_the_budget_deletes_only_its_own(tmp_path):
