@@ -94,14 +94,33 @@ def _name_nodes(graph) -> None:
             used.add(name)
 
 
+def _channel_scale(node, consumers: dict, inits: dict, channels: int) -> np.ndarray | None:
+    """|per-channel scale| of a constant ``Mul`` that alone reads ``node``'s output (a batch norm exported
+    unfolded, e.g. a frozen one: Conv -> Mul -> Add), or ``None``."""
+    from onnx import numpy_helper
+
+    readers = consumers.get(node.output[0], [])
+    if len(readers) != 1 or readers[0].op_type != "Mul":
+        return None
+    consts = [numpy_helper.to_array(inits[i]) for i in readers[0].input if i in inits]
+    if len(consts) != 1 or consts[0].size != channels:
+        return None
+    return np.abs(consts[0].reshape(channels).astype(np.float64))
+
+
 def ill_conditioned_ops(model, gain_ratio: float = GAIN_RATIO) -> list[str]:
     """Weighted ops (constant weights) where one output channel's largest |weight| exceeds the layer's
     median channel by more than ``gain_ratio``: after batch-norm folding, a channel with a tiny running
     variance amplifies small differences of its input, and the rounding of a per-tensor INT8 input
-    with it (MobileNetV2's first stage has such a channel, about 80x its neighbours)."""
+    with it (MobileNetV2's first stage has such a channel, about 80x its neighbours). A batch norm
+    exported unfolded (a per-channel ``Mul`` right after the op) counts as folded."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
     found = []
     for n in model.graph.node:
         if n.op_type not in WEIGHTED_OPS or len(n.input) < 2 or n.input[1] not in inits:
@@ -115,6 +134,9 @@ def ill_conditioned_ops(model, gain_ratio: float = GAIN_RATIO) -> list[str]:
         elif n.op_type == "ConvTranspose":
             w = np.swapaxes(w, 0, 1)
         peak = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+        scale = _channel_scale(n, consumers, inits, w.shape[0]) if n.op_type.startswith("Conv") else None
+        if scale is not None:
+            peak = peak * scale
         median = float(np.median(peak))
         if median > 0 and float(peak.max()) > gain_ratio * median:
             found.append(n.name)

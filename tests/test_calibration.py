@@ -237,6 +237,28 @@ def test_ill_conditioned_layers_are_detected_by_their_channel_gain():
     assert ill_conditioned_ops(_conv_model(3.0)) == []
 
 
+def _conv_then_scale(channel_scale: float) -> onnx.ModelProto:
+    """Conv with even weights followed by a per-channel Mul and Add: a batch norm exported unfolded (the
+    frozen encoder's), whose scale on one channel is ``channel_scale`` times the others'."""
+    model = _conv_model(1.0)
+    scale = np.ones((1, 8, 1, 1), np.float32)
+    scale[0, 5] = channel_scale
+    g = model.graph
+    g.node.extend([helper.make_node("Mul", ["y", "s"], ["ys"], name="bn_mul"),
+                   helper.make_node("Add", ["ys", "b"], ["z"], name="bn_add")])
+    g.initializer.extend([numpy_helper.from_array(scale, "s"),
+                          numpy_helper.from_array(np.zeros((1, 8, 1, 1), np.float32), "b")])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8, 8, 8]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_an_unfolded_batch_norm_scale_counts_as_the_layers_channel_gain():
+    assert ill_conditioned_ops(_conv_then_scale(100.0)) == ["conv"]
+    assert ill_conditioned_ops(_conv_then_scale(2.0)) == []
+
+
 # ------------------------------------------------------------------------------------------------ FP16
 
 
