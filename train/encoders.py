@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 import torchvision
 
@@ -70,9 +71,11 @@ class FrozenBatchNorm(nn.Module):
             self.register_buffer(name, getattr(bn, name).detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        # Inference-mode batch norm, always: never batch statistics, never an update of the stored ones. The
+        # same op as an eval-mode BatchNorm2d, so the exporter folds it into the convolution before it (a
+        # hand-written multiply-add would stay two unfused layers and cost INT8/FP16 accuracy).
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False,
+                            momentum=0.0, eps=self.eps)
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
