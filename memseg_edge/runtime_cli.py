@@ -208,16 +208,16 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
     _log(f"model {loaded.describe()}; threshold {runtime.threshold:.6g}"
          f"{' (from --threshold)' if threshold is not None else ''}; batch up to {runtime.max_batch}, "
          f"wait up to {max_wait_ms:g} ms; queue {queue_frames} frames")
-    try:
-        runtime.start()
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    ep = runtime.endpoints
-    local = [f"camera {c}" for c in cameras] + [f"video {v}" for v in videos] + [f"images {i}" for i in images]
-    _log("ready: frames on " + (", ".join(ep["frames"] + local) or "-") + f"; verdicts on {ep['results']}"
-         + (f"; requests on {ep['reply']}" if ep["reply"] else "") + ("; CurveZMQ on" if curve_keys else ""))
-
+    # the handlers go in before the sockets are bound, so a Ctrl-C just after "ready" is an orderly stop
     with _Signals(runtime.request_stop, "stopping: judging the frames in flight"):
+        try:
+            runtime.start()
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        ep = runtime.endpoints
+        local = [f"camera {c}" for c in cameras] + [f"video {v}" for v in videos] + [f"images {i}" for i in images]
+        _log("ready: frames on " + (", ".join(ep["frames"] + local) or "-") + f"; verdicts on {ep['results']}"
+             + (f"; requests on {ep['reply']}" if ep["reply"] else "") + ("; CurveZMQ on" if curve_keys else ""))
         snapshot = runtime.run(on_tick=_display_tick(display_window, runtime) if display_window else None)
     if printer is not None:
         printer.close()
