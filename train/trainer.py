@@ -130,8 +130,8 @@ def check_config(cfg: MemSegConfig) -> list[str]:
         raise ValueError(f"train.target_false_reject_rate must be in [0, 1), found {tc.target_false_reject_rate}")
     if tc.warmup_iterations < 0:
         raise ValueError(f"train.warmup_iterations must be >= 0, found {tc.warmup_iterations}")
-    if tc.warmup_iterations >= tc.iterations:
-        notes.append(f"note: warm-up ({tc.warmup_iterations} iterations) is not shorter than training "
+    if tc.warmup_iterations > tc.iterations:
+        notes.append(f"note: warm-up ({tc.warmup_iterations} iterations) is longer than training "
                      f"({tc.iterations}); the learning rate would never reach {tc.lr:g}, so the warm-up is scaled "
                      f"to {effective_warmup(tc)} iterations (10 % of training)")
     if not cfg.synthesis.textures and cfg.synthesis.texture_probability > 0:
@@ -145,8 +145,9 @@ def check_config(cfg: MemSegConfig) -> list[str]:
 
 
 def effective_warmup(tc) -> int:
-    """The warm-up actually used: as configured, or 10 % of training when it would not end before training."""
-    return tc.warmup_iterations if tc.warmup_iterations < tc.iterations else max(1, tc.iterations // 10)
+    """The warm-up actually used: as configured, or 10 % of training when it would end after training (the
+    learning rate would never reach its peak)."""
+    return tc.warmup_iterations if tc.warmup_iterations <= tc.iterations else max(1, tc.iterations // 10)
 
 
 def foreground_shares(images: np.ndarray, fg_cfg) -> np.ndarray:
