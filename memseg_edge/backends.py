@@ -35,7 +35,7 @@ class OnnxRuntimeBackend:
         self.image_size = self.bundle.image_size
 
     def _graph_problems(self) -> list[str]:
-        """Where model.json and the ONNX graph disagree (DESIGN.md, "Model bundle"), one sentence each."""
+        """Where model.json and the ONNX graph disagree (docs/architecture.md, "Model bundle"), one sentence each."""
         name = self.onnx_path.name
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}

@@ -86,7 +86,7 @@ class _Signals:
 
 def _source_options(f):
     f = click.option("--images", "images", multiple=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
-                     help="A folder of images (.png .jpg .bmp .tif), read in name order.")(f)
+                     help="A folder of images (.png .jpg .jpeg .bmp .tif .tiff), read in name order.")(f)
     f = click.option("--video", "videos", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="A video file OpenCV can read.")(f)
     f = click.option("--camera", "cameras", multiple=True, type=click.IntRange(min=0), metavar="IDX",

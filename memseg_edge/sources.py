@@ -171,7 +171,7 @@ class ImageFolderCapture(Capture):
         self.folder = Path(folder)
         self.files = list_images(self.folder)
         if not self.files:
-            raise ValueError(f"no images (.png, .jpg, .bmp, .tif) in {self.folder}")
+            raise ValueError(f"no images (.png, .jpg, .jpeg, .bmp, .tif, .tiff) in {self.folder}")
         self.name = _sanitize(name or self.folder.name)
         self.loop = loop
 
