@@ -80,8 +80,9 @@ def test_memory_bank_equals_inference_features_and_imagenet_statistics_survive_t
     model, ckpt = load_model(bottle_model["checkpoint"])
     state = torch.load(MOBILENET_WEIGHTS, map_location="cpu", weights_only=True)
     enc = model.encoder.state_dict()
-    # stem = features[0:2], frozen.0 = features[2:4], frozen.1 = features[4:7], frozen.2 = features[7:14]
-    offsets = {"stem": 0, "frozen.0": 2, "frozen.1": 4, "frozen.2": 7}
+    # stem = features[0:2], frozen.0 = features[2:4], frozen.1 = features[4:7], frozen.2 = features[7:14];
+    # a slice of a Sequential keeps the original indices, so stem.1 is features.1 and frozen.1.5 features.5
+    offsets = {"stem": 0, "frozen.0": 0, "frozen.1": 0, "frozen.2": 0}
     checked = 0
     for key, value in enc.items():
         if not key.endswith(("running_mean", "running_var")) and not (".weight" in key or ".bias" in key):
