@@ -31,19 +31,6 @@ def _need_matplotlib():
                                    "extra): pip install 'memseg-edge[train]', or leave out --plots")
 
 
-def _need_cuda(device: str):
-    """Refuse --device cuda[:N] before loading anything when PyTorch sees no such GPU."""
-    import torch
-
-    index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
-    if not torch.cuda.is_available():
-        raise click.ClickException(f"--device {device}: PyTorch sees no CUDA GPU here (no NVIDIA driver, or a CPU-only "
-                                   "PyTorch build); leave out --device to evaluate on the CPU")
-    if index >= torch.cuda.device_count():
-        raise click.ClickException(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                                   f"numbered from 0; use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-
-
 def _checkpoint_path(value: str, command: str) -> Path:
     """A checkpoint argument (checkpoint.pt or its run folder) -> the .pt file, refusing the files that are
     mistaken for one (a bundle's ONNX file, an engine, a bundle folder) with the command that takes them."""
@@ -226,7 +213,11 @@ def eval_cmd(model, data_root, category, layout, test_dir, mask_dir, json_path, 
     if plots_dir:
         _need_matplotlib()
     if is_checkpoint and device.startswith("cuda"):
-        _need_cuda(device)
+        from .train.trainer import check_cuda_device
+        try:
+            check_cuda_device(device)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
     from .engine import EngineError
     from .train.config import DataConfig
     from .train.evaluate import evaluate

@@ -24,7 +24,6 @@ import numpy as np
 DEMO_CATEGORY = "washer"
 FRAME_SIDE = 384
 """Side of the frames the demo's camera sends: the 64x64 test images enlarged, so an overlay's caption fits."""
-DOWNLOAD_TIMEOUT_S = 20.0
 
 
 def make_demo_dataset(root: str | Path, size: int = 64, n_train: int = 40, n_test_good: int = 6,
@@ -76,29 +75,6 @@ def make_demo_dataset(root: str | Path, size: int = 64, n_train: int = 40, n_tes
     return Path(root)
 
 
-def imagenet_weights(log: Callable[[str], None] = print) -> str:
-    """``"imagenet"`` when torchvision's MobileNetV2 ImageNet weights are in its cache or download now (the
-    normal torchvision way), else ``"none"`` after saying why."""
-    import socket
-
-    try:
-        import torchvision
-    except ImportError:
-        return "none"
-    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)   # an offline machine must not hang on the download
-    try:
-        weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as exc:  # no network, a proxy, a full disk: all mean "no weights"
-        log(f"NOTE: no ImageNet weights: torchvision's cache has none and the download failed "
-            f"({type(exc).__name__}: {exc}).")
-        return "none"
-    finally:
-        socket.setdefaulttimeout(previous)
-    return "imagenet"
-
-
 def run_demo(out: str | Path, *, backbone_weights: str | None = None, iterations: int = 150,
              threads: int | None = None, log: Callable[[str], None] = print) -> dict:
     """Run the demo into folder ``out``; returns ``{"verdicts": [...], "bundle", "overlays", "seconds"}``.
@@ -124,6 +100,7 @@ def run_demo(out: str | Path, *, backbone_weights: str | None = None, iterations
     threads = apply_threads(threads)   # torch is imported now
     weights = str(backbone_weights) if backbone_weights else "imagenet"
     if weights == "imagenet":
+        from .train.encoders import imagenet_weights
         weights = imagenet_weights(log)
     if weights == "none":
         log("NOTE: this is a plumbing demo. The encoder is random (no ImageNet weights; with network access "

@@ -51,7 +51,7 @@ def test_demo_takes_imagenet_weights_the_torchvision_way_and_says_so_when_offlin
     import urllib.error
 
     torchvision = pytest.importorskip("torchvision")
-    from memseg_edge.demo import DOWNLOAD_TIMEOUT_S, imagenet_weights
+    from memseg_edge.train.encoders import DOWNLOAD_TIMEOUT_S, imagenet_weights
 
     seen = {}
 
@@ -70,3 +70,15 @@ def test_demo_takes_imagenet_weights_the_torchvision_way_and_says_so_when_offlin
         assert lines == []
     else:
         assert len(lines) == 1 and "no ImageNet weights" in lines[0] and "download failed" in lines[0]
+
+
+def test_no_edge_module_imports_torch_even_lazily():
+    """The edge side (memseg_edge/, not the trainer in train/) never names torch in an import, so a Jetson
+    without PyTorch can run every edge code path, not only import the CLI."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "memseg_edge"
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|torchvision)\b", re.M)
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []

@@ -191,3 +191,26 @@ def _load_state(net: nn.Module, name: str, state: dict, origin: str) -> None:
     if bad:
         raise ValueError(f"{origin}: shape mismatch for {bad[:3]}: not weights for {name}")
     net.load_state_dict({k: state[k] for k in needed}, strict=False)
+
+
+DOWNLOAD_TIMEOUT_S = 20.0
+"""How long the demo waits for torchvision's download before it goes on with a random encoder."""
+
+
+def imagenet_weights(log: Callable[[str], None] = print) -> str:
+    """``"imagenet"`` when torchvision's MobileNetV2 ImageNet weights are in its cache or download now (the
+    normal torchvision way), else ``"none"`` after saying why."""
+    import socket
+
+    weights = ENCODERS["mobilenet_v2"].weights()
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)   # an offline machine must not hang on the download
+    try:
+        weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as exc:  # no network, a proxy, a full disk: all mean "no weights"
+        log(f"NOTE: no ImageNet weights: torchvision's cache has none and the download failed "
+            f"({type(exc).__name__}: {exc}).")
+        return "none"
+    finally:
+        socket.setdefaulttimeout(previous)
+    return "imagenet"

@@ -53,6 +53,17 @@ def predict_maps(model: MemSeg, images: np.ndarray, device: str | torch.device, 
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
 
+def check_cuda_device(device: str) -> None:
+    """Refuse ``--device cuda[:N]`` before loading anything when PyTorch sees no such GPU (RuntimeError)."""
+    index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: PyTorch sees no CUDA GPU here (no NVIDIA driver, or a CPU-only "
+                           "PyTorch build); leave out --device to evaluate on the CPU")
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                           f"numbered from 0; use --device cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
 def lr_factor(it: int, cfg) -> float:
     """Linear warm-up (:func:`effective_warmup`), then cosine decay from ``lr`` to ``min_lr`` at the last
     iteration."""
