@@ -24,10 +24,13 @@ class OnnxRuntimeBackend:
         problems = self.bundle.problems()
         if not problems and self.onnx_path.name in self.bundle.meta.get("files", {}):
             self.bundle.verify(self.bundle.precision_of(self.onnx_path))
-        opts = ort.SessionOptions()
+        from .threads import ort_session_options
+
+        # threads: as given, else what --threads applied in this process (eval, export, calibrate), else the
+        # project's default (half the physical cores): onnxruntime's own default takes every core and crawls
+        # when another process shares them
+        opts = ort_session_options(threads=threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.onnx_path), sess_options=opts,
                                             providers=providers or ["CPUExecutionProvider"])

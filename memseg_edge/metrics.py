@@ -79,6 +79,10 @@ class RuntimeMetrics:
     def queue_depth(self, n: int) -> None:
         self._queue.set(n)
 
+    def queue_depth_from(self, read) -> None:
+        """Read the queue depth at scrape time (``read()`` -> int) instead of on every frame."""
+        self._queue.set_function(lambda: float(read()))
+
     def batch(self, size: int) -> None:
         self._batch.observe(size)
 

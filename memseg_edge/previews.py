@@ -13,7 +13,7 @@ Rate: per camera at most ``fps`` previews per second, and besides those at most 
 or ERROR) per second, so the screen's gallery of rejects is not starved by a stream of passes. The
 runtime's thread only checks the rate and hands over references (:meth:`PreviewPublisher.wants`,
 :meth:`PreviewPublisher.publish`); drawing, resizing and JPEG encoding happen in the publisher's own
-thread, which keeps only the newest pending preview per camera.
+thread, which keeps only the newest pending pass and the newest pending reject per camera.
 """
 from __future__ import annotations
 
@@ -54,10 +54,11 @@ class PreviewPublisher:
     """Binds ``endpoint`` (a normalised ZeroMQ URL, e.g. from :func:`memseg_edge.transport.endpoint`).
 
     ``fps``: previews per camera per second (plus as many rejects); ``max_side``: the longer side of the
-    JPEG in pixels; ``quality``: JPEG quality. ``curve``: a :class:`memseg_edge.transport.CurveServer`."""
+    JPEG in pixels; ``quality``: JPEG quality. ``curve``: a :class:`memseg_edge.transport.CurveServer`;
+    ``role``: which of its client folders may subscribe (:data:`memseg_edge.transport.ROLE_DIRS`)."""
 
     def __init__(self, endpoint: str, *, fps: float = 2.0, max_side: int = 480, quality: int = 80,
-                 curve: Any = None, context: Any = None):
+                 curve: Any = None, context: Any = None, role: str | None = None):
         import zmq
 
         from .transport import secure_server
@@ -70,11 +71,17 @@ class PreviewPublisher:
         self._sock = self._ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, 8)
         self._sock.setsockopt(zmq.LINGER, 0)
-        secure_server(self._sock, curve)
-        self._sock.bind(endpoint)
+        secure_server(self._sock, curve, role)
+        try:
+            self._sock.bind(endpoint)
+        except zmq.ZMQError:
+            self._sock.close(0)
+            if self._own_ctx:
+                self._ctx.term()
+            raise
         self.endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._last: dict[tuple[str, bool], float] = {}
-        self._pending: dict[str, tuple] = {}
+        self._pending: dict[tuple[str, bool], tuple] = {}
         self._cond = threading.Condition()
         self._closed = False
         self.sent = 0
@@ -104,8 +111,8 @@ class PreviewPublisher:
         header = {"v": PREVIEW_VERSION, "type": "preview", "camera": camera, "frame_id": frame_id, "seq": seq,
                   "verdict": verdict, "score": None if score is None else float(score), "threshold": float(threshold),
                   "ts": time.time(), "overlay": anomaly_map is not None}
-        with self._cond:
-            self._pending[camera] = (header, rgb, anomaly_map)
+        with self._cond:   # one pending pass and one pending reject per camera: a pass never hides a reject
+            self._pending[(camera, verdict in REJECTS)] = (header, rgb, anomaly_map)
             self._cond.notify()
         return True
 
@@ -128,7 +135,7 @@ class PreviewPublisher:
                     self._cond.wait()
                 if self._closed:
                     return
-                camera, (header, rgb, amap) = self._pending.popitem()
+                (camera, _), (header, rgb, amap) = self._pending.popitem()
             jpeg, (h, w) = self._encode(header, rgb, amap)
             header.update(width=w, height=h)
             try:

@@ -88,9 +88,9 @@ class Runtime:
             raise ConfigError(f"--max-batch {max_batch} is larger than the engine's largest batch ({model.max_batch}): "
                               f"use --max-batch {model.max_batch} or rebuild the engine with a larger --max-batch")
         self.max_batch = int(max_batch)
-        if not (config.zmq or config.reply or config.cameras or config.videos or config.images):
-            raise ConfigError("no frame source: give --zmq ENDPOINT (camera stations), --camera IDX, --video FILE, "
-                              "--images DIR or --reply ENDPOINT")
+        if not (config.zmq or config.reply or config.cameras or config.videos or config.images or config.pylon):
+            raise ConfigError("no frame source: give --zmq ENDPOINT (camera stations), --camera IDX, --pylon SERIAL, "
+                              "--video FILE, --images DIR or --reply ENDPOINT")
         self.line = Pipeline(config, model, self.threshold, self.max_batch, log)
         self.stats = self.line.stats
         self.admission = Admission(self.line)
@@ -103,6 +103,8 @@ class Runtime:
         self._ctx = None
         self._auth = None
         self._saver = None
+        self.metrics = None        # RuntimeMetrics (--metrics)
+        self.previews = None       # PreviewPublisher (--previews)
         self._started = False
         self._shut = False
 
@@ -124,7 +126,13 @@ class Runtime:
             for spec in specs:
                 captures.append(open_capture(kind, spec, problem=lambda k, m: self.stats.problem(k, m, frame=False),
                                              camera_timeout=cfg.camera_timeout_s))
+        captures += self._pylon_cameras()
+        names = [c.name for c in captures]
+        if len(set(names)) != len(names):
+            raise ConfigError("two local sources have the same camera name (" + ", ".join(sorted(
+                {n for n in names if names.count(n) > 1})) + "): verdicts could not be told apart")
         keys = load_server_keys(cfg.curve_keys) if cfg.curve_keys else None
+        self._start_metrics()
         if cfg.save_failures:
             from .overlay import FailureSaver
 
@@ -133,18 +141,27 @@ class Runtime:
         try:
             self._auth = start_authenticator(ctx, keys)
             self._sockets = bind_sockets(ctx, cfg, keys)
+            if cfg.previews:
+                self.previews = self._bind_previews(ctx, keys)
         except Exception:
             self._close_sockets()
+            self._close_plant()
             if self._saver is not None:
                 self._saver.close()
             raise
         self.endpoints = self._sockets.endpoints()
-        self.admission.expect_sources(len(captures), bool(cfg.zmq or cfg.reply or any(c.live for c in captures)))
+        self.endpoints["previews"] = self.previews.endpoint if self.previews else None
+        self.endpoints["metrics"] = (f"http://{cfg.metrics_host}:{self.metrics.port}/metrics" if self.metrics
+                                     else None)
+        self.admission.expect_sources(len(captures), bool(cfg.zmq or cfg.reply or any(
+            c.live or getattr(c, "endless", False) for c in captures)))
         self._publisher = Publisher(self.line, self._sockets.pub, self._sockets.reply_out, self._saver,
-                                    self._on_verdict)
+                                    self._on_verdict, metrics=self.metrics, previews=self.previews)
+        keep_rgb = bool(cfg.save_failures or cfg.display or self.previews)
         stages = ((SocketThread(self.line, self._sockets, self.admission).run, "sockets"),
-                  (Decoder(self.line, keep_rgb=bool(cfg.save_failures or cfg.display)).run, "decode"),
-                  (Inference(self.line, keep_pass_maps=bool(cfg.display or cfg.save_passes)).run, "inference"),
+                  (Decoder(self.line, keep_rgb=keep_rgb).run, "decode"),
+                  (Inference(self.line, keep_pass_maps=bool(cfg.display or cfg.save_passes or self.previews),
+                             metrics=self.metrics).run, "inference"),
                   (self._publisher.run, "publisher"))
         for target, name in stages:
             t = threading.Thread(target=self._stage, args=(target, name), name=f"memseg-{name}", daemon=True)
@@ -156,6 +173,75 @@ class Runtime:
         for t in self._threads + self._source_threads:
             t.start()
         self._started = True
+
+    def _pylon_cameras(self) -> list:
+        cfg = self.config
+        if not cfg.pylon:
+            return []
+        from .cameras import CameraSettings
+        from .cameras.pylon import PylonCamera, require_pypylon
+
+        try:
+            require_pypylon()
+        except RuntimeError as exc:
+            raise ConfigError(f"--pylon: {exc}") from None
+        from .frames import CAMERA_RULE, safe_camera_name, valid_camera_name
+
+        settings = cfg.camera_settings or CameraSettings()
+        cameras = []
+        for spec in cfg.pylon:
+            device, _, name = spec.partition("=")
+            if name and not valid_camera_name(name):
+                raise ConfigError(f"--pylon {spec}: {CAMERA_RULE}")
+            if not device:
+                raise ConfigError(f"--pylon {spec}: give a serial number or an index before '='")
+            cameras.append(PylonCamera(device, settings, name=name or safe_camera_name(f"pylon-{device}"),
+                                       problem=lambda k, m: self.stats.problem(k, m, frame=False)))
+        return cameras
+
+    def _start_metrics(self) -> None:
+        cfg = self.config
+        if cfg.metrics_port is None:
+            return
+        try:
+            from .metrics import RuntimeMetrics
+        except ImportError:
+            raise ConfigError("--metrics needs prometheus-client: pip install 'memseg-edge[plant]'") from None
+        try:
+            metrics = RuntimeMetrics()
+        except ImportError:
+            raise ConfigError("--metrics needs prometheus-client: pip install 'memseg-edge[plant]'") from None
+        try:
+            metrics.serve(cfg.metrics_port, cfg.metrics_host)
+        except OSError as exc:
+            raise ConfigError(f"--metrics {cfg.metrics_port}: cannot listen on {cfg.metrics_host}:{cfg.metrics_port} "
+                              f"({exc.strerror or exc}); another program on that port?") from None
+        m = self.model
+        metrics.model_info(m.model_id[:12], m.precision, m.kind, path=str(m.path), image_size=str(m.image_size),
+                           threshold=f"{self.threshold:.6g}")
+        metrics.queue_depth_from(lambda: len(self.ingest))
+        self.metrics = metrics
+        self.stats.sink = metrics
+
+    def _bind_previews(self, ctx, keys):
+        import zmq
+
+        from .previews import PreviewPublisher
+
+        try:
+            return PreviewPublisher(self.config.previews, fps=self.config.preview_fps, curve=keys, context=ctx,
+                                    role="subscribers")
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"--previews: cannot bind {self.config.previews}: {exc.strerror}") from None
+
+    def _close_plant(self) -> None:
+        if self.previews is not None:
+            self.previews.close()
+            self.previews = None
+        if self.metrics is not None:
+            self.stats.sink = None
+            self.metrics.close()
+            self.metrics = None
 
     def request_stop(self) -> None:
         self.line.stop.set()
@@ -222,7 +308,12 @@ class Runtime:
             self.log(f"warning: {', '.join(stuck)} did not finish within {timeout:.0f} s (a hung backend?); "
                      "exiting without flushing")
         else:
+            if self.previews is not None:
+                self.previews.close()
+                self.previews = None
             self._close_sockets()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until a stop was requested (not the shutdown itself)."""

@@ -94,6 +94,42 @@ def _source_options(f):
     return f
 
 
+def _pylon_options(f):
+    """Basler cameras through pypylon and their GenICam settings (run and camera)."""
+    f = click.option("--camera-feature", "camera_features", multiple=True, metavar="NAME=VALUE",
+                     help="Any other GenICam feature of a --pylon camera, set as written before grabbing starts "
+                          "(repeatable), e.g. BinningHorizontal=2.")(f)
+    f = click.option("--pixel-format", default=None, metavar="NAME",
+                     help="GenICam PixelFormat of a --pylon camera (Mono8, BGR8, RGB8, BayerRG8, ...; default: "
+                          "the camera's; Bayer and other formats are converted to BGR).")(f)
+    f = click.option("--exposure-us", type=click.FloatRange(min=0, min_open=True), default=None, metavar="US",
+                     help="Exposure time of a --pylon camera in microseconds (auto exposure off).")(f)
+    f = click.option("--trigger", type=click.Choice(["off", "software", "line1", "line2", "line3", "line4"]),
+                     default="off", show_default=True,
+                     help="--pylon cameras: off = free-run at the camera's rate; software = one trigger per frame, "
+                          "fired when the previous one was taken (nothing dropped); lineN = hardware trigger on "
+                          "input line N (a light barrier or the PLC).")(f)
+    f = click.option("--pylon", "pylon", multiple=True, metavar="SERIAL|INDEX[=NAME]",
+                     help="A Basler camera through pypylon (pip install 'memseg-edge[pylon]'): serial number or "
+                          "index (0 = the first), optionally =NAME for its camera name (default pylon-SERIAL). "
+                          "Frame ids are the camera's own counter; a camera that drops out is reopened with "
+                          "back-off.")(f)
+    return f
+
+
+def _camera_settings(trigger: str, exposure_us, pixel_format, camera_features, fps=None):
+    from .cameras import CameraSettings
+
+    features = {}
+    for item in camera_features:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: write NAME=VALUE", param_hint="--camera-feature")
+        features[key.strip()] = value
+    return CameraSettings(trigger=trigger, exposure_us=exposure_us, pixel_format=pixel_format, fps=fps or None,
+                          features=features)
+
+
 # ------------------------------------------------------------------------------------------------
 # run
 # ------------------------------------------------------------------------------------------------
@@ -108,6 +144,18 @@ def _source_options(f):
 @click.option("--results", metavar="ENDPOINT",
               help="Required. Bind the verdict endpoint (PUB): one [verdict.<camera>, JSON] per frame plus a "
                    "heartbeat.")
+@_pylon_options
+@click.option("--metrics", "metrics_port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Serve Prometheus metrics on http://127.0.0.1:PORT/metrics (--metrics-host to change): frames, "
+                   "verdicts by camera, errors by kind, drops, queue depth, batch sizes, latency per stage, model "
+                   "(pip install 'memseg-edge[plant]').")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Interface of the --metrics endpoint (0.0.0.0: every interface).")
+@click.option("--previews", default=None, metavar="ENDPOINT",
+              help="Bind a preview endpoint (PUB) for `memseg-edge hmi`: JPEG overlays, at most --preview-fps per "
+                   "camera per second plus as many rejects, encoded off the judging path. " + ENDPOINT_HELP)
+@click.option("--preview-fps", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Previews per camera per second (and as many rejects besides).")
 @click.option("--reply", default=None, metavar="ENDPOINT",
               help="Bind a request-reply endpoint (ROUTER; REQ or DEALER clients): send a frame [header, payload] "
                    "and get its verdict, or {\"trigger\": true, \"camera\": NAME} for that camera's next verdict.")
@@ -147,7 +195,8 @@ def _source_options(f):
 @threads_option
 def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, threshold, max_batch, max_wait_ms,
             queue_frames, save_failures, save_passes, save_budget_mb, display, max_frames, stats_every, stats_json, heartbeat_s,
-            camera_timeout_s, quiet, trigger_timeout_s, curve_keys, threads):
+            camera_timeout_s, quiet, trigger_timeout_s, curve_keys, threads, pylon, trigger, exposure_us, pixel_format,
+            camera_features, metrics_port, metrics_host, previews, preview_fps):
     """Judge frames from camera stations and local sources; publish a verdict per frame.
 
     \b
@@ -159,6 +208,9 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
           --curve-keys keys/ --save-failures rejects/ --save-budget-mb 2000
       # judge an image folder once, print stats, exit
       memseg-edge run --model bundles/bottle --images test_images/ --results ipc:///tmp/verdicts
+      # a Basler camera on a light barrier, Prometheus on 9100, previews for `memseg-edge hmi`
+      memseg-edge run --model bundles/bottle --pylon 40012345=top --trigger line1 --results 5556 \\
+          --metrics 9100 --previews 5557
 
     Verdicts (JSON): v, type, seq (gap-free, all cameras), camera, frame_id, verdict PASS|FAIL|ERROR,
     score, threshold, latency_ms, model, error. Bad input never stops the runtime: it is counted, logged
@@ -173,15 +225,17 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
 
     missing = [name for name, value in (("--model MODEL", model), ("--results ENDPOINT", results)) if not value]
     if missing:
-        if not (zmq_endpoints or cameras or videos or images or reply):
-            missing.append("a frame source (no frame source: --zmq ENDPOINT, --camera IDX, --video FILE, --images DIR "
-                           "or --reply ENDPOINT)")
+        if not (zmq_endpoints or cameras or videos or images or reply or pylon):
+            missing.append("a frame source (no frame source: --zmq ENDPOINT, --camera IDX, --pylon SERIAL, --video FILE, "
+                           "--images DIR or --reply ENDPOINT)")
         raise click.UsageError("missing " + ", ".join(missing))
 
     zmq_urls = [_endpoint(e, bind=True, option="--zmq") for e in zmq_endpoints]
     results_url = _endpoint(results, bind=True, option="--results")
     reply_url = _endpoint(reply, bind=True, option="--reply") if reply else None
-    for url in zmq_urls + [results_url] + ([reply_url] if reply_url else []):
+    previews_url = _endpoint(previews, bind=True, option="--previews") if previews else None
+    settings = _camera_settings(trigger, exposure_us, pixel_format, camera_features) if pylon else None
+    for url in zmq_urls + [results_url] + [u for u in (reply_url, previews_url) if u]:
         if all_interfaces(url) and not curve_keys:
             _log(f"warning: {url} listens on every network interface without --curve-keys: anyone on the network "
                  "can send frames and read verdicts")
@@ -198,7 +252,9 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
                            max_wait_ms=max_wait_ms, queue_frames=queue_frames, save_failures=save_failures,
                            save_passes=save_passes, save_budget_mb=save_budget_mb, display=display, max_frames=max_frames,
                            stats_every=stats_every, heartbeat_s=heartbeat_s, trigger_timeout_s=trigger_timeout_s,
-                           curve_keys=curve_keys, camera_timeout_s=camera_timeout_s)
+                           curve_keys=curve_keys, camera_timeout_s=camera_timeout_s, pylon=list(pylon),
+                           camera_settings=settings, metrics_port=metrics_port, metrics_host=metrics_host,
+                           previews=previews_url, preview_fps=preview_fps)
     printer = None if quiet else _VerdictPrinter()
     try:
         loaded = load_model(model, threads=threads, log=_log)
@@ -215,9 +271,12 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
         except (ConfigError, FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         ep = runtime.endpoints
-        local = [f"camera {c}" for c in cameras] + [f"video {v}" for v in videos] + [f"images {i}" for i in images]
+        local = [f"camera {c}" for c in cameras] + [f"pylon {p}" for p in pylon] + [f"video {v}" for v in videos] + \
+            [f"images {i}" for i in images]
         _log("ready: frames on " + (", ".join(ep["frames"] + local) or "-") + f"; verdicts on {ep['results']}"
-             + (f"; requests on {ep['reply']}" if ep["reply"] else "") + ("; CurveZMQ on" if curve_keys else ""))
+             + (f"; requests on {ep['reply']}" if ep["reply"] else "")
+             + (f"; previews on {ep['previews']}" if ep.get("previews") else "")
+             + (f"; metrics on {ep['metrics']}" if ep.get("metrics") else "") + ("; CurveZMQ on" if curve_keys else ""))
         snapshot = runtime.run(on_tick=_display_tick(display_window, runtime) if display_window else None)
     if printer is not None:
         printer.close()
@@ -304,6 +363,7 @@ def _display_tick(window, runtime):
 
 @click.command("camera", context_settings={"max_content_width": 110})
 @_source_options
+@_pylon_options
 @click.option("--publish", required=True, metavar="ENDPOINT",
               help="The runtime's frame endpoint to connect to (PUSH). " + ENDPOINT_HELP)
 @click.option("--fps", type=click.FloatRange(min=0), default=None,
@@ -317,7 +377,8 @@ def _display_tick(window, runtime):
 @click.option("--linger", "linger_s", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="At exit, keep trying this many seconds to deliver frames still queued.")
 @_curve_client_options
-def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, count, linger_s, curve_keys, curve_client):
+def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, count, linger_s, curve_keys, curve_client,
+               pylon, trigger, exposure_us, pixel_format, camera_features):
     """A camera station: capture frames and push them to a runtime (`memseg-edge run --zmq ...`).
 
     \b
@@ -325,15 +386,18 @@ def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, coun
       memseg-edge camera --camera 0 --publish line3-edge:5555 --name line3-top
       memseg-edge camera --images test_images/ --publish 5555 --encoding png --fps 5
       memseg-edge camera --video shift.mp4 --publish ipc:///tmp/frames --loop
+      memseg-edge camera --pylon 40012345 --trigger software --exposure-us 800 --publish line3-edge:5555
 
-    Frames are [header, payload] (docs/architecture.md "Frames in"); frame_id counts from 0. Frames queue until
-    the runtime is reachable, and ZeroMQ reconnects by itself when the runtime restarts.
+    Frames are [header, payload] (docs/architecture.md "Frames in"); frame_id counts from 0, or is the camera's
+    own frame counter for --pylon (a jump means the camera dropped frames). Frames queue until the runtime is
+    reachable, and ZeroMQ reconnects by itself when the runtime restarts.
     """
     from .sources import open_capture, publish_frames
 
-    given = [("camera", c) for c in cameras] + [("video", v) for v in videos] + [("images", i) for i in images]
+    given = [("camera", c) for c in cameras] + [("pylon", p) for p in pylon] + [("video", v) for v in videos] + \
+        [("images", i) for i in images]
     if len(given) != 1:
-        raise click.UsageError("give exactly one source: --camera IDX, --video FILE or --images DIR "
+        raise click.UsageError("give exactly one source: --camera IDX, --pylon SERIAL, --video FILE or --images DIR "
                                "(run one station per camera)")
     if name is not None:
         from .frames import CAMERA_RULE, valid_camera_name
@@ -344,8 +408,17 @@ def camera_cmd(cameras, videos, images, publish, fps, encoding, name, loop, coun
     keys = _client_keys(curve_keys, curve_client)
     kind, spec = given[0]
     try:
-        capture = open_capture(kind, spec, name=name, loop=loop, problem=lambda k, m: _log(f"warning: {m}"))
-    except (FileNotFoundError, ValueError) as exc:
+        if kind == "pylon":
+            from .cameras.pylon import PylonCamera, require_pypylon
+
+            require_pypylon()
+            device, _, spec_name = spec.partition("=")
+            capture = PylonCamera(device, _camera_settings(trigger, exposure_us, pixel_format, camera_features, fps),
+                                  name=name or spec_name or f"pylon-{device}",
+                                  problem=lambda k, m: _log(f"warning: {m}"))
+        else:
+            capture = open_capture(kind, spec, name=name, loop=loop, problem=lambda k, m: _log(f"warning: {m}"))
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     stop = threading.Event()
     _log(f"camera {capture.name}: {kind} {spec} -> {url} ({encoding})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -33,3 +34,9 @@ class RuntimeConfig:
     heartbeat_s: float = 1.0
     trigger_timeout_s: float = 5.0
     curve_keys: str | None = None
+    pylon: list[str] = field(default_factory=list)          # Basler cameras by serial or index (pypylon)
+    camera_settings: Any = None                              # cameras.CameraSettings for every --pylon camera
+    metrics_port: int | None = None                          # Prometheus endpoint (0: a free port)
+    metrics_host: str = "127.0.0.1"
+    previews: str | None = None                              # preview endpoint for the operator screen (PUB)
+    preview_fps: float = 2.0                                 # previews per camera per second (plus as many rejects)

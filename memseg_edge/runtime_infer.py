@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import queue
 import time
+from typing import Any
 
 import numpy as np
 
@@ -17,9 +18,10 @@ SCORE_NOT_FINITE = "score not finite"
 
 
 class Inference:
-    def __init__(self, line: Pipeline, keep_pass_maps: bool):
+    def __init__(self, line: Pipeline, keep_pass_maps: bool, metrics: Any = None):
         self.line = line
         self.keep_pass_maps = keep_pass_maps   # the map of a PASS frame is kept too (--save-passes, --display)
+        self.metrics = metrics                 # RuntimeMetrics (--metrics): batch sizes
 
     def run(self) -> None:
         max_wait = self.line.config.max_wait_ms / 1000.0
@@ -54,6 +56,8 @@ class Inference:
                 self.line.fail(j, INFERENCE_FAILED, f"{type(exc).__name__}: {exc}")
             return
         dt = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.batch(len(batch))
         for i, job in enumerate(batch):
             self.line.stats.timing("inference", dt)
             job.prepared = None

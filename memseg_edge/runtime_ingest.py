@@ -167,9 +167,12 @@ class Admission:
 
     def source_loop(self, capture) -> None:
         frame_id = 0
+        own_ids = getattr(capture, "own_frame_ids", False)
         try:
             for item in capture.frames(self.line.stop):
                 t_in = time.perf_counter()
+                if own_ids:
+                    frame_id = capture.last_frame_id
                 if isinstance(item, fr.BadFrame):
                     item.frame_id, item.camera, item.label = frame_id, capture.name, capture.label(frame_id)
                     self.reject(item, t_in)

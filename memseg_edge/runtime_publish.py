@@ -21,13 +21,16 @@ class Publisher:
     """The thread that owns the PUB socket and the reply pipe's sending end."""
 
     def __init__(self, line: Pipeline, pub: Any, reply_out: Any, saver: Any = None,
-                 on_verdict: Callable[[dict, str | None], Any] | None = None):
+                 on_verdict: Callable[[dict, str | None], Any] | None = None, metrics: Any = None,
+                 previews: Any = None):
         self.line = line
         self.stats = line.stats
         self.pub = pub
         self.reply_out = reply_out
         self.saver = saver
         self.on_verdict = on_verdict
+        self.metrics = metrics          # RuntimeMetrics (--metrics): verdicts by camera
+        self.previews = previews        # PreviewPublisher (--previews): rate-limited, encoded in its own thread
         self.seq = 0
         self.last_verdict_ts: float | None = None
         self.latest: tuple | None = None       # for the display: (rgb, amap, verdict, score, camera, frame_id)
@@ -132,6 +135,11 @@ class Publisher:
         else:
             self.stats.count(verdicts=1, judged=1, **{"passed" if verdict == vd.PASS else "failed": 1})
         self.stats.timings(publish=t1 - t0, total=t1 - job.t_in)
+        if self.metrics is not None:
+            self.metrics.verdict(job.camera, verdict)
+        if self.previews is not None and job.rgb is not None and self.previews.wants(job.camera, verdict):
+            self.previews.publish(job.camera, job.rgb, job.amap, verdict=verdict, score=score,
+                                  threshold=self.line.threshold, frame_id=job.frame_id, seq=self.seq)
         if job.reply_to is not None:
             self.reply(job.reply_to, data)
         if triggers:

@@ -3,6 +3,9 @@
 Counters account for every message: ``received`` = ``judged`` + ``dropped`` + ``errors`` (by kind) once
 the pipeline is empty. Latencies are kept per stage in fixed-size rings (the last ``window`` frames), so
 memory stays flat however long the runtime runs; p50/p99 are over that window.
+
+A ``sink`` (:class:`memseg_edge.metrics.RuntimeMetrics`, ``run --metrics``) sees the same increments as
+the counters here, outside the lock, so the Prometheus endpoint and ``--stats-json`` agree by construction.
 """
 from __future__ import annotations
 
@@ -51,17 +54,31 @@ class RuntimeStats:
         self._logged: set[str] = set()
         self._rings = {s: _Ring(window) for s in STAGES}
         self._last_report = (time.monotonic(), 0)
+        self.sink = None        # RuntimeMetrics (run --metrics): mirrors received, dropped, errors, latencies
+
+    def _mirror(self, name: str, n: int) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        if name == "received":
+            sink.frame_received(n)
+        elif name == "dropped":
+            sink.dropped(n)
 
     # -- counting ------------------------------------------------------------------------------
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + n)
+        self._mirror(name, n)
 
     def count(self, **increments: int) -> None:
         """Several counters at once (one lock for a verdict's bookkeeping)."""
         with self._lock:
             for name, n in increments.items():
                 setattr(self, name, getattr(self, name) + n)
+        if self.sink is not None:
+            for name, n in increments.items():
+                self._mirror(name, n)
 
     def event(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -74,6 +91,8 @@ class RuntimeStats:
             (self.errors if frame else self.events)[kind] += 1
             first = kind not in self._logged
             self._logged.add(kind)
+        if frame and self.sink is not None:
+            self.sink.error(kind)
         if first:
             self._log(f"warning: {kind}: {message} (further ones are counted, not logged)")
 
@@ -88,12 +107,17 @@ class RuntimeStats:
     def timing(self, stage: str, seconds: float) -> None:
         with self._lock:
             self._rings[stage].add(seconds * 1000.0)
+        if self.sink is not None:
+            self.sink.latency(stage, seconds)
 
     def timings(self, **seconds: float) -> None:
         """Several stages of one frame at once."""
         with self._lock:
             for stage, value in seconds.items():
                 self._rings[stage].add(value * 1000.0)
+        if self.sink is not None:
+            for stage, value in seconds.items():
+                self.sink.latency(stage, value)
 
     # -- reading -------------------------------------------------------------------------------
     def counters(self) -> dict:

@@ -58,6 +58,9 @@ class Capture:
 
     name: str = "camera"
     live: bool = False
+    endless: bool = False          # never runs out (a camera), even when it is paced by its consumer
+    own_frame_ids: bool = False    # frame ids come from the source (``last_frame_id`` after each frame)
+    last_frame_id: int | None = None
     fps: float = 0.0   # the source's own rate, 0 when unknown or unlimited
 
     def frames(self, stop: threading.Event) -> Iterator[np.ndarray | BadFrame]:
@@ -83,6 +86,7 @@ def _open_quietly(index: int):
 
 class CameraCapture(Capture):
     live = True
+    endless = True
 
     def __init__(self, index: int, name: str | None = None, problem: Problem | None = None,
                  backoff: tuple[float, float] = (0.5, 10.0), open_timeout: float = 0.0):
@@ -220,7 +224,7 @@ def publish_frames(capture: Capture, endpoint: str, *, encoding: str = "jpeg", f
 
     stop = stop or threading.Event()
     if fps is None:
-        fps = capture.fps if capture.live else 10.0
+        fps = capture.fps if (capture.live or capture.endless) else 10.0
     ctx = context or zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 64)
@@ -249,7 +253,8 @@ def publish_frames(capture: Capture, endpoint: str, *, encoding: str = "jpeg", f
                     break
                 if delay < -1.0:   # fell far behind (slow source): do not burst to catch up
                     next_t = time.monotonic()
-            parts = encode(item, encoding, capture.name, sent)
+            frame_id = capture.last_frame_id if capture.own_frame_ids else sent
+            parts = encode(item, encoding, capture.name, frame_id)
             while True:
                 try:
                     sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)

@@ -151,6 +151,7 @@ class TensorRTBackend:
     def __init__(self, engine_path: str | Path, log: Callable[[str], Any] = print, device: int = 0):
         self.engine_path = Path(engine_path)
         meta = load_engine_meta(self.engine_path)
+        self.meta = meta
         self.info = engine_model_info(self.engine_path, meta)
         flavour_name = str(meta.get("flavour"))
         check_engine_here(self.engine_path, flavour_name)   # before any TensorRT object: see module docstring

@@ -2,6 +2,8 @@
 and a tiny synthetic product dataset for end-to-end runs that must work anywhere."""
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -18,6 +20,33 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MVTEC = SHARED / "data" / "mvtec_ad"
 DTD = SHARED / "data" / "dtd" / "images"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2-imagenet-features.pth"
+
+
+def wait_until(pred, timeout: float) -> None:
+    """Poll ``pred()`` every 50 ms; AssertionError when it is not true within ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s")
+
+
+def wait_for_line(proc, marker: str, timeout: float) -> list[str]:
+    """Stderr lines of a command (started with ``stderr=PIPE, text=True``) up to the first holding
+    ``marker``; the rest is drained in the background. AssertionError, with what it printed, when it exits
+    or takes longer."""
+    lines: list[str] = []
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode} before {marker!r}:\n" + "".join(lines))
+        lines.append(line)
+        if marker in line:
+            threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+            return lines
+    raise AssertionError(f"no {marker!r} within {timeout} s:\n" + "".join(lines))
 
 
 def require(path: Path, what: str) -> Path:

@@ -22,7 +22,7 @@ os.environ.setdefault("PYLON_CAMEMU", "2")      # before pypylon's first import 
 from memseg_edge.frames import encode  # noqa: E402
 from memseg_edge.plc import VerdictListener  # noqa: E402
 
-from conftest import MVTEC  # noqa: E402
+from conftest import MVTEC, wait_for_line, wait_until  # noqa: E402
 
 pytest.importorskip("asyncua", reason="asyncua absent: pip install 'memseg-edge[plant]'")
 pytest.importorskip("pymodbus", reason="pymodbus absent: pip install 'memseg-edge[plant]'")
@@ -102,7 +102,7 @@ def test_emulated_camera_to_run_to_gateway_every_result_once_in_order_and_fail_s
     sub = threading.Thread(target=lambda: listener.listen(stop=stop, on_verdict=zmq_verdicts.append), daemon=True)
     sub.start()
     try:
-        _wait_ready(gateway, "ready:", 120)
+        wait_for_line(gateway, "ready:", 120)
 
         async def line():
             opc = asyncio.create_task(_opcua_handshake(opcua_port, "top", N, timeout=180))
@@ -112,7 +112,7 @@ def test_emulated_camera_to_run_to_gateway_every_result_once_in_order_and_fail_s
             return ids, await opc, await mod
 
         ids, (opc, opc_seqs), mod = asyncio.run(line())
-        _wait(lambda: len(zmq_verdicts) >= N, 30)
+        wait_until(lambda: len(zmq_verdicts) >= N, 30)
         want = [(b["seq"], b["frame_id"], b["verdict"]) for b in zmq_verdicts[:N]]
         assert [b["frame_id"] for b in zmq_verdicts[:N]] == ids            # the camera's own frame counter
         assert {b["verdict"] for b in zmq_verdicts} <= {"PASS", "FAIL"}
@@ -135,7 +135,7 @@ def test_emulated_camera_to_run_to_gateway_every_result_once_in_order_and_fail_s
 
         # restart it: healthy again, and new results flow through the handshake
         run = _run(bottle_model["bundle"], frames_url, results_url)
-        _wait(lambda: _healthy(modbus_port), 60)
+        wait_until(lambda: _healthy(modbus_port), 60)
 
         async def again():
             mod = asyncio.create_task(_modbus_handshake(modbus_port, 0, 2, timeout=120))
@@ -156,29 +156,6 @@ def test_emulated_camera_to_run_to_gateway_every_result_once_in_order_and_fail_s
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def _wait(pred, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s")
-
-
-def _wait_ready(proc, marker, timeout):
-    lines = []
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            raise AssertionError("plc-gateway exited:\n" + "".join(lines))
-        lines.append(line)
-        if marker in line:
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()   # keep draining
-            return
-    raise AssertionError("plc-gateway not ready:\n" + "".join(lines))
 
 
 def _healthy(port) -> bool:

@@ -105,3 +105,16 @@ def test_importing_threads_never_imports_torch():
     code = "import sys, memseg_edge.threads as t; t.apply_threads(1); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_onnxruntime_session_takes_the_applied_count(restore_threads, tmp_path):
+    """eval and export build OnnxRuntimeBackend without a count: the session must still use --threads,
+    not onnxruntime's own default of every core."""
+    from memseg_edge.backends import OnnxRuntimeBackend
+
+    from test_runtime_hardening import tiny_bundle
+
+    bundle = tiny_bundle(tmp_path / "bundle")
+    th.apply_threads(2)
+    assert OnnxRuntimeBackend(bundle).session.get_session_options().intra_op_num_threads == 2
+    assert OnnxRuntimeBackend(bundle, threads=1).session.get_session_options().intra_op_num_threads == 1

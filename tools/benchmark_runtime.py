@@ -126,7 +126,9 @@ def _start(model: LoadedModel, tmp: Path, tag: str, **over) -> tuple[Runtime, "_
     return runtime, listener, push, ctx
 
 
-def overhead(model: LoadedModel, images: list[np.ndarray], repeats: int, tmp: Path) -> None:
+def overhead(model: LoadedModel, images: list[np.ndarray], repeats: int, tmp: Path, plant: bool = False) -> None:
+    """Bare backend vs the runtime; ``plant``: with ``--metrics`` (scraped once a second) and ``--previews``
+    (a subscriber reading them) on, as a plant runs it."""
     n = len(images)
     pixels = [cv2.cvtColor(im, cv2.COLOR_RGB2BGR).tobytes() for im in images]
     base = fr.encode(cv2.cvtColor(images[0], cv2.COLOR_RGB2BGR), "bgr8", "bench", 0)[0]
@@ -134,7 +136,31 @@ def overhead(model: LoadedModel, images: list[np.ndarray], repeats: int, tmp: Pa
     def messages(first_id: int) -> list[list[bytes]]:   # made before the clock starts
         return [[_with_id(base, first_id + i), pixels[i]] for i in range(n)]
 
-    runtime, listener, push, ctx = _start(model, tmp, "overhead", max_batch=1, max_wait_ms=0, queue_frames=n + 8)
+    extra = dict(metrics_port=0, previews=f"ipc://{tmp}/previews") if plant else {}
+    tag = "overhead-plant" if plant else "overhead"
+    runtime, listener, push, ctx = _start(model, tmp, tag, max_batch=1, max_wait_ms=0, queue_frames=n + 8, **extra)
+    plant_stop = threading.Event()
+    plant_seen = {"previews": 0, "scrapes": 0}
+    if plant:
+        def scrape_and_watch():
+            import urllib.request
+
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(runtime.endpoints["previews"])
+            next_scrape = time.monotonic()
+            while not plant_stop.is_set():
+                if sub.poll(50):
+                    sub.recv_multipart()
+                    plant_seen["previews"] += 1
+                if time.monotonic() >= next_scrape:
+                    urllib.request.urlopen(runtime.endpoints["metrics"], timeout=5).read()
+                    plant_seen["scrapes"] += 1
+                    next_scrape += 1.0
+            sub.close(0)
+
+        plant_thread = threading.Thread(target=scrape_and_watch, daemon=True)
+        plant_thread.start()
     for im in images[:3]:        # warm up the session outside the timings
         model.backend.infer(im[None])
     bare_t, stream_t, loop_lat, bare_lat = [], [], [], []
@@ -166,13 +192,18 @@ def overhead(model: LoadedModel, images: list[np.ndarray], repeats: int, tmp: Pa
                 loop_lat.append(listener.arrived[offset + i][0] - t)
             offset += n
     finally:
+        if plant:
+            plant_stop.set()
+            plant_thread.join(5)
         listener.close()
         push.close(0)
         stats = runtime.stop()
         ctx.term()
     ratios = [s / b for s, b in zip(stream_t, bare_t)]
-    print(f"\n1. runtime overhead at batch 1 ({n} frames at {model.image_size}x{model.image_size}, bgr8, "
-          f"{repeats} repeats, {model.kind})")
+    print(f"\n1{'b' if plant else ''}. runtime overhead at batch 1 ({n} frames at {model.image_size}x{model.image_size}, "
+          f"bgr8, {repeats} repeats, {model.kind})"
+          + (f", with --metrics and --previews on ({plant_seen['scrapes']} scrapes, {plant_seen['previews']} previews "
+             "received)" if plant else ""))
     print(f"   bare backend          {1000 * statistics.median(bare_t) / n:8.2f} ms/frame   "
           f"(per call p50 {1000 * statistics.median(bare_lat):.2f} ms)")
     print(f"   runtime, streaming    {1000 * statistics.median(stream_t) / n:8.2f} ms/frame   "
@@ -308,6 +339,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     ap.add_argument("--ingest-seconds", type=float, default=3.0)
+    ap.add_argument("--plant", action="store_true",
+                    help="also measure the overhead with --metrics (scraped every second) and --previews (read by a "
+                         "subscriber) on")
     args = ap.parse_args(argv)
     print(machine())
     model = load_model(args.bundle, threads=args.threads)
@@ -320,6 +354,8 @@ def main(argv=None) -> int:
     images = [images[i % len(images)] for i in range(max(args.frames, 1))]
     with tempfile.TemporaryDirectory(prefix="memseg-bench-") as tmp:
         overhead(model, images, args.repeats, Path(tmp))
+        if args.plant:
+            overhead(model, images, args.repeats, Path(tmp), plant=True)
         ingest(args.ingest_seconds, Path(tmp))
     return 0
 

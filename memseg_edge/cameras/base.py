@@ -55,10 +55,17 @@ class CameraError(RuntimeError):
 
 
 class GenICamCamera(Capture):
-    """The vendor-independent part. Subclasses implement the ``_`` methods and set ``vendor``."""
+    """The vendor-independent part. Subclasses implement the ``_`` methods and set ``vendor``.
 
-    live = True
+    As a :class:`memseg_edge.sources.Capture`: ``endless`` (a camera never runs out of frames) and
+    ``own_frame_ids`` (the frame id of the image ``frames`` just yielded is :attr:`last_frame_id`, the
+    camera's counter). ``live``: frames come when the camera or a trigger line wants (free-run, hardware
+    trigger), so a consumer that falls behind drops them; with a software trigger fired per frame the
+    consumer paces the camera and nothing needs dropping."""
+
     vendor = "genicam"
+    endless = True
+    own_frame_ids = True
 
     def __init__(self, device: str, settings: CameraSettings | None = None, name: str | None = None,
                  problem: Callable[[str, str], None] | None = None, backoff: tuple[float, float] = (0.5, 10.0)):
@@ -71,6 +78,10 @@ class GenICamCamera(Capture):
         self._open_now = False
         self.reconnects = 0
         self.fps = float(self.settings.fps or 0.0)
+
+    @property
+    def live(self) -> bool:
+        return not (self.settings.trigger == "software" and self.settings.auto_trigger)
 
     # -- vendor hooks -------------------------------------------------------------------------------
     def _open(self) -> None:

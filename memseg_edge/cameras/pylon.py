@@ -26,6 +26,11 @@ def _pylon():
     return pylon, genicam
 
 
+def require_pypylon() -> None:
+    """Raise RuntimeError (saying which extra to install) when pypylon is missing."""
+    _pylon()
+
+
 def list_cameras() -> list[dict]:
     """The cameras pylon sees: ``[{"serial", "model", "name"}]``."""
     pylon, _ = _pylon()
