@@ -548,8 +548,8 @@ def keys_cmd(folder, clients, stations, subscribers):
 def demo_cmd(out_dir, backbone_weights, iterations, threads):
     """The whole line on this machine, no data or GPU needed: a synthetic product, a small model trained
     on it, and the runtime judging test frames sent by a camera station over ZeroMQ to a listening PLC
-    gateway. 100 to 160 s on 2 CPU cores that other jobs kept busy (measured at load averages 6 to 9;
-    training is most of it, with a progress bar)."""
+    gateway. About 45 s on 2 CPU cores (43 s idle, 45 s beside another job; 100 to 160 s when other jobs
+    kept both cores busy); training is most of it, with a progress bar."""
     from .demo import run_demo
 
     if backbone_weights not in (None, "imagenet", "none") and not Path(backbone_weights).is_file():
