@@ -267,3 +267,87 @@ def test_pylon_without_pypylon_or_with_a_bad_name_is_one_sentence(tmp_path):
                          env=dict(os.environ, PYLON_CAMEMU="1"))
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "camera must be 1-64 characters" in out.stderr or "pypylon is not installed" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# frame ids from the camera's own counter (a jump = frames the camera lost), without hardware
+# ------------------------------------------------------------------------------------------------
+
+class _CountingCamera:
+    """A Capture whose frame counter skips, as a GenICam camera's BlockID does when frames are lost."""
+
+    name = "top"
+    live = False
+    endless = True
+    own_frame_ids = True
+    fps = 0.0
+    last_frame_id = None
+
+    def __init__(self, ids, go: threading.Event | None = None):
+        self.ids = ids
+        self.go = go          # set when a subscriber listens: verdicts published before that are not seen
+
+    def label(self, index):
+        return None
+
+    def frames(self, stop):
+        if self.go is not None:
+            self.go.wait(30)
+        for i, fid in enumerate(self.ids):
+            if stop.is_set():
+                return
+            self.last_frame_id = fid
+            yield np.full((40, 40, 3), 30 if i % 2 else 220, np.uint8)
+
+
+CAMERA_IDS = [100, 101, 105, 106, 110]       # the camera lost 102-104 and 107-109
+
+
+def test_runtime_verdicts_carry_the_cameras_own_frame_ids(tmp_path, monkeypatch):
+    from memseg_edge.runtime import Runtime
+
+    from test_runtime import connected_listener, runtime_config
+    from test_runtime_hardening import Fake, fake_model
+
+    go = threading.Event()
+    camera = _CountingCamera(CAMERA_IDS, go)
+    monkeypatch.setattr(Runtime, "_pylon_cameras", lambda self: [camera])
+    runtime = Runtime(runtime_config(tmp_path, pylon=["0815-0000=top"]), fake_model(Fake()), log=lambda m: None)
+    ctx = zmq.Context()
+    got: list[dict] = []
+    listener = None
+    stop = threading.Event()
+    try:
+        runtime.start()
+        listener = connected_listener(runtime.endpoints["results"], ctx, heartbeat_timeout=10)
+        t = threading.Thread(target=lambda: listener.listen(stop=stop, on_verdict=got.append), daemon=True)
+        t.start()
+        go.set()
+        wait_until(lambda: len(got) >= len(CAMERA_IDS), 30)
+    finally:
+        stop.set()
+        runtime.stop()
+        if listener is not None:
+            t.join(5)
+            listener.close()
+        ctx.term()
+    assert [b["frame_id"] for b in got] == CAMERA_IDS
+    assert [b["verdict"] for b in got] == ["FAIL", "PASS", "FAIL", "PASS", "FAIL"]
+
+
+def test_camera_station_sends_the_cameras_own_frame_ids(tmp_path):
+    from memseg_edge.frames import parse_header
+    from memseg_edge.sources import publish_frames
+
+    url = f"ipc://{tmp_path}/frames"
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(url)
+    try:
+        result = publish_frames(_CountingCamera(CAMERA_IDS), url, encoding="png", fps=0, log=lambda m: None,
+                                context=ctx)
+        ids = [parse_header(pull.recv_multipart()[0]).frame_id for _ in CAMERA_IDS]
+    finally:
+        pull.close(0)
+        ctx.term()
+    assert result["sent"] == len(CAMERA_IDS) and ids == CAMERA_IDS
