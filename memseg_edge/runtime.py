@@ -203,12 +203,10 @@ class Runtime:
         cfg = self.config
         if cfg.metrics_port is None:
             return
+        from .metrics import RuntimeMetrics
+
         try:
-            from .metrics import RuntimeMetrics
-        except ImportError:
-            raise ConfigError("--metrics needs prometheus-client: pip install 'memseg-edge[plant]'") from None
-        try:
-            metrics = RuntimeMetrics()
+            metrics = RuntimeMetrics()       # imports prometheus_client
         except ImportError:
             raise ConfigError("--metrics needs prometheus-client: pip install 'memseg-edge[plant]'") from None
         try:
@@ -308,12 +306,9 @@ class Runtime:
             self.log(f"warning: {', '.join(stuck)} did not finish within {timeout:.0f} s (a hung backend?); "
                      "exiting without flushing")
         else:
-            if self.previews is not None:
-                self.previews.close()
-                self.previews = None
+            self._close_plant()      # the preview socket lives in this context: closed before it is destroyed
             self._close_sockets()
-        if self.metrics is not None:
-            self.metrics.close()
+        self._close_plant()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until a stop was requested (not the shutdown itself)."""
