@@ -120,13 +120,16 @@ def _data_options_optional(f):
                    "where the config has none.")
 @click.option("--foreground-threshold", type=click.IntRange(0, 255), default=None)
 @click.option("--foreground-invert/--no-foreground-invert", default=None)
-@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Continue from a checkpoint of this run.")
+@click.option("--resume", type=click.Path(exists=True), default=None,
+              help="Continue a stopped run from its checkpoint (OUT/checkpoint.pt or the run folder), with the "
+                   "same options; checkpoints are written every train.checkpoint_every iterations (500).")
+@click.option("--overwrite", is_flag=True,
+              help="Train afresh into an --out that already holds a checkpoint (without it, that is refused).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @threads_option
 def train(data_root, category, layout, test_dir, mask_dir, out_dir, config_file, backbone, backbone_weights, textures,
           no_textures, iterations, batch_size, lr, memory_samples, image_size, device, seed, workers, foreground,
-          foreground_threshold, foreground_invert, resume, quiet, threads):
+          foreground_threshold, foreground_invert, resume, overwrite, quiet, threads):
     """Train MemSeg on good images only; writes OUT/checkpoint.pt.
 
     The memory bank, the decision threshold (from held-out good images) and the full config are saved in
@@ -158,10 +161,31 @@ def train(data_root, category, layout, test_dir, mask_dir, out_dir, config_file,
         "train.seed": seed, "train.num_workers": workers,
     })
     cfg.synthesis.foreground = _foreground(cfg, foreground, foreground_threshold, foreground_invert)
+    if resume is not None and Path(resume).is_dir():
+        resume = str(Path(resume) / "checkpoint.pt")
+    existing = Path(out_dir) / "checkpoint.pt"
+    if resume is None and existing.is_file() and not overwrite:
+        raise click.ClickException(f"{out_dir} already holds a run ({_describe_run(existing)}): continue it with "
+                                   f"--resume {existing}, train afresh over it with --overwrite, or give another --out")
     try:
         run_training(cfg, out_dir, resume=resume, progress=not quiet)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _describe_run(path: Path) -> str:
+    """``iteration 1200 of 2700, unfinished`` for a checkpoint; what is wrong with it when it cannot be read."""
+    from .train.checkpoint import read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(path)
+    except (ValueError, OSError) as exc:
+        return f"a checkpoint that cannot be used: {exc}"
+    total = ckpt["config"].get("train", {}).get("iterations")
+    done = ckpt.get("iteration")
+    if isinstance(done, int) and isinstance(total, int):
+        return f"iteration {done} of {total}, " + ("unfinished" if done < total else "finished")
+    return f"iteration {done}"
 
 
 def _foreground(cfg, method, threshold, invert):

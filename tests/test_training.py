@@ -87,6 +87,11 @@ def test_training_is_reproducible_and_resume_continues_the_same_run(product_root
     assert half_ckpt["iteration"] == 2
     resumed = train(cfg, tmp_path / "half", resume=tmp_path / "half" / "checkpoint.pt", progress=False,
                     log=lambda *a: None)
+    # The run's training time adds up over its sessions (what a report of a resumed run must show).
+    done = read_checkpoint(resumed)
+    assert half_ckpt["train_seconds"] > 0
+    assert done["train_seconds"] > half_ckpt["train_seconds"]
+    assert done["validation"]["train_seconds"] == done["train_seconds"]
     a, b, c = (read_checkpoint(p)["model_state"] for p in (full, again, resumed))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"not reproducible: {k}")
@@ -215,3 +220,24 @@ def test_reports_warn_loudly_when_the_threshold_misses_most_defects():
     r = {"per_defect": {}, "image_auroc": 0.993, "pixel_auroc": 0.9, "aupro": 0.8, "n_images": 10, "f1_max": 0.9,
          "pixel_f1_max": 0.5, "threshold": {"value": 0.7, "rule": "r", "false_reject_rate": 0.0, "miss_rate": 1.0}}
     assert "WARNING" in format_report(r) and "misses 100 %" in format_report(r)
+
+
+def test_a_run_folder_is_never_overwritten_by_accident_and_resume_takes_the_folder(product_root, tmp_path):
+    args = ["train", "--data", str(product_root), "--category", "widget", "--backbone", "mobilenet_v2",
+            "--backbone-weights", "none", "--batch-size", "4", "--image-size", "64", "--memory-samples", "4",
+            "--workers", "0", "--no-textures", "--quiet", "--out", str(tmp_path / "run")]
+    run_cli(*args, "--iterations", "2")
+    first = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    # Training again into the same folder is refused, says what is there and how to go on; nothing is touched.
+    result = CliRunner().invoke(main, args + ["--iterations", "4"])
+    assert result.exit_code != 0
+    assert "iteration 2 of 2, finished" in result.output and "--resume" in result.output
+    assert "--overwrite" in result.output
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == first
+    # --resume takes the run folder as well as the file, and continues to the new length.
+    out = run_cli(*args, "--iterations", "4", "--resume", str(tmp_path / "run"))
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["iteration"] == 4
+    assert "over all 4 iterations of the run" in out
+    # --overwrite starts afresh.
+    run_cli(*args, "--iterations", "1", "--overwrite")
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["iteration"] == 1

@@ -22,8 +22,10 @@ so their bank does not match what the encoder computes at inference: they are re
 
 def save_checkpoint(path: str | Path, model: MemSeg, cfg: MemSegConfig, *, iteration: int, threshold: dict | None,
                     data: dict[str, Any], backbone_weights: str, validation: dict | None = None,
-                    optimizer: dict | None = None, scheduler: dict | None = None) -> Path:
-    """Write atomically (temporary file, then rename): an interrupted save never leaves a broken file."""
+                    optimizer: dict | None = None, scheduler: dict | None = None,
+                    train_seconds: float | None = None) -> Path:
+    """Write atomically (temporary file, then rename): an interrupted save never leaves a broken file.
+    ``train_seconds``: training time up to ``iteration``, summed over the sessions of a resumed run."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {
@@ -41,6 +43,7 @@ def save_checkpoint(path: str | Path, model: MemSeg, cfg: MemSegConfig, *, itera
         "validation": validation,
         "optimizer": optimizer,
         "scheduler": scheduler,
+        "train_seconds": train_seconds,
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)

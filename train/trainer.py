@@ -200,6 +200,7 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     seed_everything(tc.seed)
 
     start_it = 0
+    earlier_seconds = 0.0
     ckpt = None
     if resume is not None:
         ckpt = read_checkpoint(resume)
@@ -214,6 +215,8 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
             raise ValueError(f"{resume} was trained with other synthesis settings ({', '.join(changed)}); resume "
                              f"with the run's own configuration: --config {Path(resume).parent / 'config.yaml'}")
         start_it = int(ckpt["iteration"])
+        # Training time before this session (checkpoints written before it was recorded have none).
+        earlier_seconds = float(ckpt.get("train_seconds") or 0.0)
 
     data = discover(cfg.data)
     split = split_good(data.train_good, cfg.model.memory_samples if cfg.model.use_memory else 0,
@@ -276,10 +279,12 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         "category": cfg.data.category,
     }
 
-    def checkpoint(it: int, threshold=None, validation=None) -> Path:
+    def checkpoint(it: int, threshold=None, validation=None, seconds: float | None = None) -> Path:
         return save_checkpoint(out_dir / "checkpoint.pt", model, cfg, iteration=it, threshold=threshold,
                                data=data_info, backbone_weights=backbone_origin, validation=validation,
-                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                               optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                               train_seconds=earlier_seconds + (time.perf_counter() - t0 if seconds is None
+                                                                else seconds))
 
     model.train()
     it = start_it
@@ -312,7 +317,8 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     bar.close()
     elapsed = time.perf_counter() - t0
     if main:
-        log(f"trained {it - start_it} iterations in {elapsed:.0f} s ({seen / max(elapsed, 1e-9):.1f} images/s)")
+        log(f"trained {it - start_it} iterations in {elapsed:.0f} s ({seen / max(elapsed, 1e-9):.1f} images/s)"
+            + (f"; {earlier_seconds + elapsed:.0f} s over all {it} iterations of the run" if start_it else ""))
 
     if world > 1:
         dist.barrier()
@@ -331,8 +337,8 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         log(describe_threshold(threshold))
         for line in validation_report(validation):
             log(line)
-    validation = {**(validation or {}), "history": history, "train_seconds": elapsed}
-    path = checkpoint(it, threshold, validation)
+    validation = {**(validation or {}), "history": history, "train_seconds": earlier_seconds + elapsed}
+    path = checkpoint(it, threshold, validation, seconds=elapsed)
     if world > 1:
         dist.destroy_process_group()
     log(f"checkpoint: {path}")
