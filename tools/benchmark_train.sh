@@ -21,11 +21,15 @@ case $recipe in
   *) echo "recipe must be short or default" >&2; exit 2 ;;
 esac
 echo "machine: $(nproc) CPU cores, $(python -c 'import platform; print(platform.processor() or platform.machine())'), torch $(python -c 'import torch; print(torch.__version__)')"
+# A run stopped part-way (its checkpoint is written every train.checkpoint_every iterations) continues;
+# the trainer then prints the training time summed over the run's sessions.
+resume=()
+if [ -f "$out/checkpoint.pt" ]; then resume=(--resume "$out"); echo "continuing the run in $out"; fi
 start=$(date +%s)
 memseg-edge train --data "$data" --category "$category" --backbone mobilenet_v2 \
   --backbone-weights "$shared/weights/mobilenet_v2-imagenet-features.pth" \
-  --textures "$shared/data/dtd/images" "${iters[@]}" --out "$out" "$@"
+  --textures "$shared/data/dtd/images" "${iters[@]}" --out "$out" "${resume[@]}" "$@"
 end=$(date +%s)
-echo "training wall time (process start to checkpoint written): $((end - start)) s"
+echo "training wall time of this session (process start to checkpoint written): $((end - start)) s"
 memseg-edge eval "$out/checkpoint.pt" --data "$data" --category "$category" \
   --json "$out/metrics.json" --plots "$out/plots" --quiet

@@ -200,7 +200,7 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     seed_everything(tc.seed)
 
     start_it = 0
-    earlier_seconds = 0.0
+    earlier_seconds, unrecorded = 0.0, False
     ckpt = None
     if resume is not None:
         ckpt = read_checkpoint(resume)
@@ -217,6 +217,7 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         start_it = int(ckpt["iteration"])
         # Training time before this session (checkpoints written before it was recorded have none).
         earlier_seconds = float(ckpt.get("train_seconds") or 0.0)
+        unrecorded = ckpt.get("train_seconds") is None and start_it > 0
 
     data = discover(cfg.data)
     split = split_good(data.train_good, cfg.model.memory_samples if cfg.model.use_memory else 0,
@@ -283,8 +284,8 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         return save_checkpoint(out_dir / "checkpoint.pt", model, cfg, iteration=it, threshold=threshold,
                                data=data_info, backbone_weights=backbone_origin, validation=validation,
                                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                               train_seconds=earlier_seconds + (time.perf_counter() - t0 if seconds is None
-                                                                else seconds))
+                               train_seconds=None if unrecorded else earlier_seconds + (
+                                   time.perf_counter() - t0 if seconds is None else seconds))
 
     model.train()
     it = start_it
@@ -318,7 +319,8 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     elapsed = time.perf_counter() - t0
     if main:
         log(f"trained {it - start_it} iterations in {elapsed:.0f} s ({seen / max(elapsed, 1e-9):.1f} images/s)"
-            + (f"; {earlier_seconds + elapsed:.0f} s over all {it} iterations of the run" if start_it else ""))
+            + (f"; {earlier_seconds + elapsed:.0f} s over all {it} iterations of the run" if start_it and not unrecorded
+               else f"; the time of the first {start_it} was not recorded in {resume}" if unrecorded else ""))
 
     if world > 1:
         dist.barrier()
@@ -337,7 +339,8 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         log(describe_threshold(threshold))
         for line in validation_report(validation):
             log(line)
-    validation = {**(validation or {}), "history": history, "train_seconds": earlier_seconds + elapsed}
+    validation = {**(validation or {}), "history": history,
+                  "train_seconds": None if unrecorded else earlier_seconds + elapsed}
     path = checkpoint(it, threshold, validation, seconds=elapsed)
     if world > 1:
         dist.destroy_process_group()
