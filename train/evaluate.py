@@ -17,9 +17,9 @@ from .aupro import pro_curve
 from .config import DataConfig
 from .datasets import discover, load_test_full
 
-MISS_WARNING = 0.1
+TEST_MISS_WARNING = 0.1
 """Above this share of missed defective test images at the model's threshold, ``eval`` warns loudly. Real
-defects, unlike the trainer's synthetic ones (warned about above 50 %): a line that passes one defective part
+defects, unlike the trainer's synthetic ones (``trainer.SYNTHETIC_MISS_WARNING``): a line that passes one defective part
 in ten is already one a plant engineer must hear about (magnetic_tile's default model missed 49.5 %)."""
 
 
@@ -148,7 +148,7 @@ def format_report(r: dict[str, Any]) -> str:
         if "expected_frr" in t:
             lines.append(f"  the threshold promised for new good parts: expected false-reject rate "
                          f"{_pct(t['expected_frr'])} %, at most {_pct(t['frr_upper_95'])} % with 95 % confidence")
-        if t["miss_rate"] is not None and t["miss_rate"] > MISS_WARNING:
+        if t["miss_rate"] is not None and t["miss_rate"] > TEST_MISS_WARNING:
             lines.append(f"WARNING: at its own threshold this model misses {100 * t['miss_rate']:.0f} % of the defective "
                          "test images: on a line it would pass about as many defective parts, whatever its AUROC. Train "
                          "longer, or choose the threshold again (and check the false-reject rate that costs)")

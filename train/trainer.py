@@ -348,7 +348,7 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     return path
 
 
-MISS_WARNING = 0.5
+SYNTHETIC_MISS_WARNING = 0.5
 """Above this share of missed synthetic anomalies at the model's own threshold, ``train`` warns loudly."""
 
 
@@ -358,7 +358,7 @@ def validation_report(v: dict[str, Any]) -> list[str]:
              f"image AUROC {v['image_auroc']:.4f}, pixel AUROC {v['pixel_auroc']:.4f}; at the threshold: "
              f"{100 * v['false_reject_rate']:.1f} % of held-out good images rejected, "
              f"{100 * v['miss_rate']:.1f} % of synthetic anomalies missed"]
-    if v["miss_rate"] > MISS_WARNING:
+    if v["miss_rate"] > SYNTHETIC_MISS_WARNING:
         lines.append(
             f"WARNING: the decision threshold misses {100 * v['miss_rate']:.0f} % of the synthetic anomalies: a line "
             "running this model would pass most defective parts whatever its AUROC. Train longer (the default "
