@@ -62,6 +62,10 @@ def memory_step_of(model, memory: dict[str, Any], selection: str) -> MemoryStep:
 def rewrite_model(model, memory: dict[str, Any], selection: str = "sum", io_dtype: str | None = None):
     """A copy of ``model`` with the memory subgraph replaced by one plugin node. ``memory``: model.json's
     ``memory_subgraph``; ``io_dtype``: ``None`` (the subgraph's own type), ``"fp32"`` or ``"fp16"``."""
+    if selection == "patch":
+        raise ValueError("this bundle's memory bank uses memory_selection 'patch' (nearest feature vector per "
+                         "position); the fused plugin implements only 'sum' and 'per_level'. Build the engine "
+                         "without --plugin: the memory step then runs as standard TensorRT layers")
     onnx = _onnx()
     from onnx import TensorProto, helper, numpy_helper
 

@@ -302,14 +302,19 @@ def test_fp16_converts_weights_and_keeps_bank_and_interface(variants):
 def test_fp16_predictions_match_fp32_on_real_test_images(variants):
     (ref_map, ref_score), (map16, score16) = variants["preds"]["model.onnx"], variants["preds"]["model.fp16.onnx"]
     diff = np.abs(map16 - ref_map)
-    print(f"FP16 vs FP32: max |map diff| {diff.max():.2e}, mean {diff.mean():.2e}, "
-          f"max |score diff| {np.abs(score16 - ref_score).max():.2e}")
-    # Measured on this model (CPU-2, 2026-11-28): max 1.8e-2 at a few pixels where the softmax is steepest
-    # (float16 keeps ~3 significant digits of a logit), mean 7e-5, max score difference 5.1e-3 (map
-    # values are probabilities in [0, 1]). A real conversion error (a wrong scale, a layer in the wrong
-    # type) moves whole regions by 0.1 or more, which these bounds still catch.
+    moved = float((diff > 0.02).mean())
+    print(f"FP16 vs FP32: max |map diff| {diff.max():.2e}, mean {diff.mean():.2e}, share of pixels moved "
+          f"> 0.02: {moved:.2e}, max |score diff| {np.abs(score16 - ref_score).max():.2e}")
+    # Measured on this model (CPU-2, 2026-11-28, whole-image memory): max 1.8e-2 at a few pixels where the
+    # softmax is steepest (float16 keeps ~3 significant digits of a logit), mean 7e-5, max score
+    # difference 5.1e-3 (map values are probabilities in [0, 1]). With the patch memory (2026-12-02): mean
+    # 1.7e-4, max 7.9e-2, 0.06 % of pixels moved by more than 0.02, score 5.5e-3: where two bank vectors
+    # are almost equally near a position, the float16 features can pick the other one, which moves the
+    # map around that position a little. A real conversion error (a wrong scale, a layer in the wrong
+    # type) moves whole regions (percents of the pixels) by 0.1 or more, which these bounds still catch.
     assert diff.mean() < 1e-3
-    assert diff.max() < 0.05
+    assert moved < 3e-3
+    assert diff.max() < 0.15
     assert np.abs(score16 - ref_score).max() < 0.01
 
 

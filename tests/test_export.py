@@ -47,7 +47,12 @@ def test_bundle_graph_follows_the_contract(bottle_model):
     consumed = {i for n in nodes for i in n.input}
     assert set(sub["inputs"]) <= consumed and set(sub["outputs"]) <= produced
     bank = {i.name: list(i.dims) for i in model.graph.initializer if i.name in sub["bank_initializers"]}
-    assert any(dims[0] == 8 for dims in bank.values())  # the 8 memory samples are constants in the graph
+    if meta["memory_selection"] == "patch":
+        # The default: per level one [C, P] constant (the coreset of the 8 memory images' vectors, read
+        # transposed), held once; P as model.json says.
+        assert sorted(d[1] for d in bank.values()) == sorted(meta["memory_patches"]) and len(bank) == 3
+    else:
+        assert any(dims[0] == 8 for dims in bank.values())  # the 8 memory samples are constants in the graph
 
 
 def test_model_json_describes_the_bundle(bottle_model):
@@ -73,9 +78,11 @@ def test_onnxruntime_matches_pytorch_on_real_bottle_images(bottle_model):
     ref = predict_maps(model, images, "cpu")
     amap, score = OnnxRuntimeBackend(bottle_model["bundle"]).infer(images)
     assert amap.shape == (len(images), 1, 96, 96)
-    assert float(np.abs(amap[:, 0] - ref).max()) <= 1e-4
+    map_diff = float(np.abs(amap[:, 0] - ref).max())
+    assert map_diff <= 1e-4
     ref_scores = image_scores(ref, ckpt["top_k"])
-    np.testing.assert_allclose(score, ref_scores, atol=1e-5)
+    # The score is a mean of map values: it cannot move more than the map does.
+    assert float(np.abs(score - ref_scores).max()) <= map_diff + 1e-6
     threshold = ckpt["threshold"]["threshold"]
     assert [verdict(s, threshold) for s in score] == [verdict(s, threshold) for s in ref_scores]
 

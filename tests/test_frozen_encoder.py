@@ -24,9 +24,25 @@ def _frozen_modules(model: MemSeg) -> list[nn.Module]:
     return list(model.encoder.stem.modules()) + list(model.encoder.frozen.modules())
 
 
-def test_frozen_encoder_is_in_inference_mode_from_construction_whatever_the_caller_does():
+def assert_bank_holds(memory, reference: list[torch.Tensor], tol: float = 0.0) -> None:
+    """The bank was filled from exactly these features ``[M, C, H, W]`` per level: the same tensors
+    (whole-image selection), or (patch selection) every bank vector is one of their position vectors."""
+    for level, (bank, ref) in enumerate(zip(memory.banks(), reference)):
+        if memory.selection == "patch":
+            vectors = ref.permute(0, 2, 3, 1).reshape(-1, ref.shape[1])
+            nearest = vectors[torch.cdist(bank.double(), vectors.double()).argmin(1)]
+            torch.testing.assert_close(bank, nearest, rtol=tol, atol=tol, msg=f"memory level {level}")
+        elif tol == 0.0:
+            assert torch.equal(bank, ref), f"memory level {level} differs"
+        else:
+            torch.testing.assert_close(bank, ref, rtol=tol, atol=tol, msg=f"memory level {level}")
+
+
+@pytest.mark.parametrize("selection", ["sum", "patch"])
+def test_frozen_encoder_is_in_inference_mode_from_construction_whatever_the_caller_does(selection):
     torch.manual_seed(0)
-    model = MemSeg(ModelConfig(backbone="mobilenet_v2", memory_samples=4), SIZE, weights=None)
+    model = MemSeg(ModelConfig(backbone="mobilenet_v2", memory_samples=4, memory_selection=selection), SIZE,
+                   weights=None)
     assert model.training  # a new nn.Module is in training mode ...
     # ... but nothing in the frozen part can use batch statistics: there is no BatchNorm left in it.
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in _frozen_modules(model))
@@ -36,8 +52,7 @@ def test_frozen_encoder_is_in_inference_mode_from_construction_whatever_the_call
     # Force everything into training mode, the way a careless caller (or the old trainer) would.
     model.apply(lambda m: m.train())
     model.memory.fill(model.memory_features(x))
-    for bank, ref in zip(model.memory.banks(), reference):
-        assert torch.equal(bank, ref), "features depend on the module's mode"
+    assert_bank_holds(model.memory, reference)  # features do not depend on the module's mode
     model(x)  # a training-mode forward
     after = model.encoder.state_dict()
     for k, v in before.items():
@@ -100,8 +115,7 @@ def test_memory_bank_equals_inference_features_and_imagenet_statistics_survive_t
     paths = [MVTEC / "bottle" / "train" / "good" / n for n in names]
     images = torch.from_numpy(load_images(paths, ckpt["image_size"])).permute(0, 3, 1, 2).float() / 255.0
     reference = _torchvision_eval_features(MOBILENET_WEIGHTS, images)
-    for level, (bank, ref) in enumerate(zip(model.memory.banks(), reference)):
-        torch.testing.assert_close(bank, ref, rtol=1e-4, atol=1e-4, msg=f"memory level {level}")
+    assert_bank_holds(model.memory, reference, tol=1e-4)
 
 
 def test_a_checkpoint_from_before_the_fix_is_refused_with_the_reason(tmp_path):

@@ -391,6 +391,7 @@ def make_memory_bundle(tmp_path_factory) -> Path:
     cfg = apply_overrides(MemSegConfig(), {
         "data.root": str(data), "data.category": "widget", "data.image_size": 64, "data.holdout_fraction": 0.2,
         "model.backbone": "mobilenet_v2", "model.backbone_weights": "none", "model.memory_samples": 4,
+        "model.memory_selection": "sum",  # the fused kernel serves the whole-image step
         "train.iterations": 1, "train.batch_size": 2, "train.num_workers": 0, "train.warmup_iterations": 1,
         "train.checkpoint_every": 0, "synthesis.textures": "none"})
     with warnings.catch_warnings():

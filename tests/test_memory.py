@@ -85,3 +85,125 @@ def test_memory_refuses_features_of_the_wrong_shape():
         bank.fill([torch.zeros(2, *s) for s in SHAPES])
     with pytest.raises(ValueError, match="selection"):
         MemoryBank(SHAPES, 3, "nearest")
+
+
+# --- patch selection: every position against its nearest bank vector, wherever it came from ---------
+
+def _vectors(feats: torch.Tensor) -> torch.Tensor:
+    return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_patch_selection_matches_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    m = 3
+    bank = MemoryBank(SHAPES, m, "patch", patches=40)
+    bank.fill([torch.randn(m, *s, generator=g) for s in SHAPES])
+    feats = [torch.randn(2, *s, generator=g) for s in SHAPES]
+    diffs, index = bank(feats)
+    for level, (f, b, d) in enumerate(zip(feats, bank.banks(), diffs)):
+        f64, b64 = f.double().numpy(), b.double().numpy()
+        n, c, h, w = f.shape
+        for i in range(n):
+            for y in range(h):
+                for x in range(w):
+                    dist = ((b64 - f64[i, :, y, x]) ** 2).sum(1)
+                    j = int(np.argmin(dist))
+                    if level == 0:
+                        assert int(index[i, y, x]) == j
+                    np.testing.assert_allclose(d[i, :, y, x].numpy(), (f64[i, :, y, x] - b64[j]) ** 2,
+                                               rtol=1e-5, atol=1e-6)
+    assert index.shape == (2, SHAPES[0][1], SHAPES[0][2])
+
+
+def test_patch_selection_does_not_need_alignment():
+    """A memory image moved in the frame is still good: the whole-image comparison sees a difference
+    everywhere, the patch comparison (bank holding every vector) sees none."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(4, 8, 8)]
+    feats = [torch.randn(2, 4, 8, 8, generator=g)]
+    moved = [torch.roll(feats[0][1:2], shifts=(3, 2), dims=(2, 3))]
+    whole = MemoryBank(shapes, 2, "sum")
+    whole.fill(feats)
+    patch = MemoryBank(shapes, 2, "patch", patches=10_000)
+    patch.fill(feats)
+    assert patch.banks()[0].shape == (128, 4)  # every position of both images
+    assert float(whole(moved)[0][0].mean()) > 0.5
+    assert float(patch(moved)[0][0].abs().max()) < 1e-6
+
+
+def test_patch_bank_is_a_k_centre_coreset():
+    """Farthest-point order: each chosen vector was the farthest from those before it, so no vector is
+    farther from the coreset than the closest two chosen ones are from each other; deterministic."""
+    g = torch.Generator().manual_seed(6)
+    feats = [torch.randn(4, *s, generator=g) for s in SHAPES]
+    a = MemoryBank(SHAPES, 4, "patch", patches=20)
+    b = MemoryBank(SHAPES, 4, "patch", patches=20)
+    a.fill(feats)
+    b.fill(feats)
+    for f, bank, other in zip(feats, a.banks(), b.banks()):
+        assert torch.equal(bank, other)
+        vectors = _vectors(f).double()
+        chosen = bank.double()
+        assert len(chosen) == min(20, len(vectors))
+        # Every bank row is one of the memory vectors.
+        assert float(torch.cdist(chosen, vectors).min(1).values.max()) < 1e-5
+        if len(chosen) < len(vectors):
+            pair = torch.cdist(chosen, chosen)
+            pair.fill_diagonal_(float("inf"))
+            cover = torch.cdist(vectors, chosen).min(1).values.max()
+            assert float(cover) <= float(pair.min()) + 1e-6
+
+
+def test_patch_scale_is_the_nearest_difference_to_other_images_vectors():
+    g = torch.Generator().manual_seed(7)
+    m = 3
+    feats = [torch.randn(m, *s, generator=g) for s in SHAPES]
+    bank = MemoryBank(SHAPES, m, "patch", patches=10_000)  # every vector kept: the scale is exact
+    bank.fill(feats)
+    for f, scale in zip(feats, bank.scales()):
+        per_image = [_vectors(f[i:i + 1]).double() for i in range(m)]
+        total, count = 0.0, 0
+        for i in range(m):
+            others = torch.cat([v for j, v in enumerate(per_image) if j != i])
+            total += float((torch.cdist(per_image[i], others) ** 2).min(1).values.sum())
+            count += len(per_image[i])
+        assert float(scale) == pytest.approx(total / count / f.shape[1], rel=1e-4)
+
+
+def test_patch_batch_equals_one_image_at_a_time():
+    """Batches are compared one image at a time (memory); the vectorised graph (what ONNX exports) and
+    the loop give the same result."""
+    from memseg_edge.train.memory import nearest_patch_difference
+
+    g = torch.Generator().manual_seed(8)
+    bank = MemoryBank(SHAPES, 3, "patch", patches=30)
+    bank.fill([torch.randn(3, *s, generator=g) for s in SHAPES])
+    feats = [torch.randn(4, *s, generator=g) for s in SHAPES]
+    diffs, index = bank(feats)
+    for i, (f, b, d) in enumerate(zip(feats, bank.banks(), diffs)):
+        ref, _ = nearest_patch_difference(f, b, getattr(bank, f"norm{i}"))
+        assert torch.equal(ref, d)
+
+
+def test_patch_bank_norms_follow_the_bank_through_a_state_dict():
+    """The squared norms are derived (not saved): loading a bank's state recomputes them."""
+    g = torch.Generator().manual_seed(9)
+    a = MemoryBank(SHAPES, 3, "patch", patches=30)
+    a.fill([torch.randn(3, *s, generator=g) for s in SHAPES])
+    b = MemoryBank(SHAPES, 3, "patch", patches=30)
+    state = a.state_dict()
+    assert not any(k.startswith("norm") for k in state)
+    b.load_state_dict(state)
+    for i, bank in enumerate(b.banks()):
+        torch.testing.assert_close(getattr(b, f"norm{i}"), (bank.double() ** 2).sum(1).float())
+    feats = [torch.randn(2, *s, generator=g) for s in SHAPES]
+    assert all(torch.equal(x, y) for x, y in zip(a(feats)[0], b(feats)[0]))
+
+
+def test_patch_bank_refuses_bad_settings():
+    with pytest.raises(ValueError, match="at least 1"):
+        MemoryBank(SHAPES, 3, "patch", patches=0)
+    bank = MemoryBank(SHAPES, 3, "patch", patches=8)
+    with pytest.raises(ValueError, match="do not match"):
+        bank.fill([torch.zeros(2, *s) for s in SHAPES])

@@ -246,3 +246,27 @@ def test_a_run_folder_is_never_overwritten_by_accident_and_resume_takes_the_fold
     # --overwrite starts afresh.
     run_cli(*args, "--iterations", "1", "--overwrite")
     assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["iteration"] == 1
+
+
+def test_patch_memory_trains_exports_and_runs_as_standard_ops(product_root, tmp_path):
+    """``memory_selection: patch`` end to end: the bank is a coreset of the memory images' vectors, the
+    exported graph (vectorised over the batch) equals PyTorch (one image at a time) in onnxruntime, at a
+    batch other than the export's, and the fused plugin refuses it with the reason instead of computing
+    something else."""
+    from memseg_edge.backends import OnnxRuntimeBackend
+    from memseg_edge.plugin_rewrite import write_plugin_variants
+    from memseg_edge.train.export import export_bundle
+
+    cfg = tiny_config(product_root, iterations=2, **{"model.memory_selection": "patch", "model.memory_patches": 100})
+    ckpt = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    model, _ = load_model(ckpt)
+    assert [tuple(b.shape) for b in model.memory.banks()] == [(100, 24), (100, 32), (64, 96)]
+    torch.testing.assert_close(model.memory.norm0, (model.memory.bank0.double() ** 2).sum(1).float())
+    bundle = export_bundle(ckpt, tmp_path / "bundle", log=lambda *a: None)  # verifies parity at 1e-4 itself
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["memory_selection"] == "patch" and meta["memory_patches"] == [100, 100, 64]
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3)).astype(np.uint8)
+    amap, _ = OnnxRuntimeBackend(bundle).infer(images)
+    np.testing.assert_allclose(amap[:, 0], predict_maps(model, images, "cpu"), atol=1e-4)
+    with pytest.raises(ValueError, match="patch"):
+        write_plugin_variants(bundle, precisions=("fp32",), log=lambda *a: None)

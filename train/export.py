@@ -128,6 +128,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFA
         "backbone_weights": ckpt["backbone_weights"],
         "memory_samples": int(cfg["model"]["memory_samples"]),
         "memory_selection": cfg["model"]["memory_selection"],
+        **({"memory_patches": [int(b.shape[0]) for b in model.memory.banks()]}
+           if cfg["model"]["memory_selection"] == "patch" else {}),
         "memory_subgraph": memory,
         "threshold": ckpt["threshold"],
         "training_list_sha256": ckpt["data"]["training_list_sha256"],

@@ -145,7 +145,7 @@ class MemSeg(nn.Module):
         self.smooth = (nn.AvgPool2d(cfg.feature_smoothing, stride=1, padding=cfg.feature_smoothing // 2,
                                     count_include_pad=False) if cfg.feature_smoothing > 1 else nn.Identity())
         shapes = [(ci, image_size // s, image_size // s) for ci, s in zip(c, (4, 8, 16))]
-        self.memory = MemoryBank(shapes, cfg.memory_samples, cfg.memory_selection) if cfg.use_memory else None
+        self.memory = MemoryBank(shapes, cfg.memory_samples, cfg.memory_selection, cfg.memory_patches) if cfg.use_memory else None
         fused = [2 * ci for ci in c] if cfg.use_memory else c
         self.fusion = MultiScaleFusion(fused, c, cfg.use_coordinate_attention, cfg.use_multiscale)
         widths = list(cfg.decoder_channels) or list(DECODER_WIDTHS[cfg.backbone])
