@@ -171,19 +171,24 @@ def test_patch_scale_is_the_nearest_difference_to_other_images_vectors():
         assert float(scale) == pytest.approx(total / count / f.shape[1], rel=1e-4)
 
 
-def test_patch_batch_equals_one_image_at_a_time():
-    """Batches are compared one image at a time (memory); the vectorised graph (what ONNX exports) and
-    the loop give the same result."""
-    from memseg_edge.train.memory import nearest_patch_difference
+@pytest.mark.parametrize("block", [7, 512])
+def test_patch_blocks_equal_the_exported_vectorised_form(monkeypatch, block):
+    """PyTorch compares positions in blocks (memory, cache); the exported graph compares all at once.
+    Both choose the same vectors and give the same differences, for blocks that do not divide the
+    position count too."""
+    import memseg_edge.train.memory as memory
 
+    monkeypatch.setattr(memory, "PATCH_BLOCK", block)
     g = torch.Generator().manual_seed(8)
     bank = MemoryBank(SHAPES, 3, "patch", patches=30)
     bank.fill([torch.randn(3, *s, generator=g) for s in SHAPES])
     feats = [torch.randn(4, *s, generator=g) for s in SHAPES]
     diffs, index = bank(feats)
     for i, (f, b, d) in enumerate(zip(feats, bank.banks(), diffs)):
-        ref, _ = nearest_patch_difference(f, b, getattr(bank, f"norm{i}"))
-        assert torch.equal(ref, d)
+        ref, ref_index = memory.nearest_patch_difference(f, b, getattr(bank, f"norm{i}"), block=None)
+        if i == 0:
+            assert torch.equal(ref_index, index)
+        torch.testing.assert_close(d, ref, rtol=0, atol=1e-6)
 
 
 def test_patch_bank_norms_follow_the_bank_through_a_state_dict():

@@ -16,8 +16,13 @@ python "$(dirname "$0")/benchmark_precision.py" "$bundle" --data "$root" --categ
 for p in fp32 fp16 int8; do
   memseg-edge build-engine "$bundle" --precision "$p" --backend tensorrt-rtx --max-batch 8 --out "$bundle/engines/model.rtx.$p.engine"
 done
-memseg-edge build-engine "$bundle" --precision fp16 --plugin --backend tensorrt-rtx --max-batch 8 \
-  --out "$bundle/engines/model.rtx.fp16.plugin.engine"
+selection=$(python -c 'import json, sys; print(json.load(open(sys.argv[1])).get("memory_selection", "sum"))' "$bundle/model.json")
+if [ "$selection" = patch ]; then
+  echo "no plugin engine: the fused plugin serves the whole-image memory step, this bundle's is 'patch'"
+else
+  memseg-edge build-engine "$bundle" --precision fp16 --plugin --backend tensorrt-rtx --max-batch 8 \
+    --out "$bundle/engines/model.rtx.fp16.plugin.engine"
+fi
 python - "$bundle/engines" <<'PY'
 import json, sys, pathlib
 print("| engine | precision | plugin | MB | build s | TensorRT |")
