@@ -30,6 +30,7 @@ from memseg_edge.train import metrics
 from memseg_edge.train.config import DataConfig
 from memseg_edge.train.datasets import discover, load_images, load_test_full
 from memseg_edge.train.evaluate import format_report, upsample_maps
+from memseg_edge.train.memory import kcentre_coreset
 from memseg_edge.train.torch_model import MemSeg
 from memseg_edge.train.config import ModelConfig
 
@@ -50,15 +51,9 @@ def patch_features(model: MemSeg, images: np.ndarray, batch: int = 16) -> torch.
 
 def greedy_coreset(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     """Indices of ``k`` rows of ``x [n, d]`` chosen by greedy k-centre (each new row the farthest from those
-    chosen so far)."""
+    chosen so far), from a random first row: the trainer's own ``kcentre_coreset``."""
     g = torch.Generator().manual_seed(seed)
-    chosen = [int(torch.randint(len(x), (1,), generator=g))]
-    dist = torch.cdist(x, x[chosen[0]:chosen[0] + 1]).squeeze(1)
-    for _ in range(k - 1):
-        nxt = int(torch.argmax(dist))
-        chosen.append(nxt)
-        dist = torch.minimum(dist, torch.cdist(x, x[nxt:nxt + 1]).squeeze(1))
-    return torch.tensor(chosen)
+    return kcentre_coreset(x, k, start=int(torch.randint(len(x), (1,), generator=g)))
 
 
 @click.command()

@@ -100,9 +100,10 @@ class MemoryBank(nn.Module):
             # came from the other memory images (an image is never its own nearest neighbour).
             if m > 1:
                 total, count = 0.0, 0
+                bank_source = source[chosen]
                 for i in range(m):
-                    own = source[chosen] == i
-                    d = patch_distances(vectors[source == i], bank)
+                    own = bank_source == i
+                    d = self.level_distances(vectors[source == i], bank)
                     d[:, own] = float("inf")
                     total += float(d.min(1).values.sum())
                     count += h * w
@@ -144,13 +145,6 @@ class MemoryBank(nn.Module):
         return list(diffs), indices[0]
 
 
-def patch_distances(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Squared distances of vectors ``[..., Q, C]`` to bank vectors ``[P, C]`` -> ``[..., Q, P]``."""
-    cross = x @ bank.t()
-    d = (x * x).sum(-1, keepdim=True) - 2.0 * cross + (bank * bank).sum(1)
-    return d.clamp_min(0.0)
-
-
 def nearest_patch_difference(f: torch.Tensor, bank: torch.Tensor, norms: torch.Tensor | None = None,
                              block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Input features ``[N, C, H, W]``, bank ``[P, C]`` -> squared difference to the nearest bank vector at
@@ -177,16 +171,17 @@ def nearest_patch_difference(f: torch.Tensor, bank: torch.Tensor, norms: torch.T
 
 
 @torch.no_grad()
-def kcentre_coreset(vectors: torch.Tensor, size: int) -> torch.Tensor:
+def kcentre_coreset(vectors: torch.Tensor, size: int, start: int | None = None) -> torch.Tensor:
     """Indices of ``size`` rows of ``vectors [K, C]`` chosen greedily, each the row farthest from those
-    already chosen (k-centre), starting from the row nearest the mean. Deterministic; all rows if
-    ``size >= K``."""
+    already chosen (k-centre), starting from row ``start`` (default: the row nearest the mean).
+    Deterministic; all rows if ``size >= K``."""
     k = len(vectors)
     if size >= k:
         return torch.arange(k, device=vectors.device)
     vectors = vectors.double()  # the |a|^2 - 2 a.b + |b|^2 form below loses small distances in float32
     norms = (vectors * vectors).sum(1)
-    start = int(((vectors - vectors.mean(0)) ** 2).sum(1).argmin())
+    if start is None:
+        start = int(((vectors - vectors.mean(0)) ** 2).sum(1).argmin())
     chosen = torch.empty(size, dtype=torch.long, device=vectors.device)
     chosen[0] = start
     nearest = (norms - 2.0 * (vectors @ vectors[start]) + norms[start]).clamp_min(0.0)
