@@ -87,6 +87,29 @@ def test_onnxruntime_matches_pytorch_on_real_bottle_images(bottle_model):
     assert [verdict(s, threshold) for s in score] == [verdict(s, threshold) for s in ref_scores]
 
 
+def test_frames_far_from_any_good_part_give_finite_maps_that_match_pytorch(bottle_model):
+    """What a camera can send that no training image resembles (black, saturated, noise, a hard edge) goes
+    through the memory step of the default bundle (the patch selection's expanded distance |x|^2 - 2x.b +
+    |b|^2 is where float32 could cancel or overflow): maps stay probabilities, scores finite, and the
+    bundle agrees with the checkpoint, so the verdict of such a frame is the model's, not an accident."""
+    from memseg_edge.train.checkpoint import load_model
+    from memseg_edge.train.trainer import predict_maps
+
+    model, ckpt = load_model(bottle_model["checkpoint"])
+    rng = np.random.default_rng(0)
+    edge = np.zeros((96, 96, 3), np.uint8)
+    edge[:, 48:] = 255
+    frames = np.stack([np.zeros((96, 96, 3), np.uint8), np.full((96, 96, 3), 255, np.uint8),
+                       rng.integers(0, 256, (96, 96, 3), dtype=np.uint8),
+                       (rng.random((96, 96, 3)) < 0.5).astype(np.uint8) * 255, edge])
+    amap, score = OnnxRuntimeBackend(bottle_model["bundle"]).infer(frames)
+    assert np.isfinite(amap).all() and np.isfinite(score).all()
+    assert amap.min() >= 0.0 and amap.max() <= 1.0
+    ref = predict_maps(model, frames, "cpu")
+    assert float(np.abs(amap[:, 0] - ref).max()) <= 1e-4
+    np.testing.assert_allclose(score, image_scores(ref, ckpt["top_k"]), atol=1e-4)
+
+
 def test_batch_size_is_dynamic(bottle_model):
     backend = OnnxRuntimeBackend(bottle_model["bundle"])
     _, images, _ = bottle_test_images(96)
