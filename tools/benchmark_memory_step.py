@@ -74,24 +74,19 @@ def main(backbone, backbone_weights, image_size, batch, rounds, threads, inferen
 
 def _time_exported(models, image_size: int, rounds: int, threads: int, backbone: str) -> None:
     import tempfile
-    import warnings
     from pathlib import Path
 
     import numpy as np
     import onnxruntime as ort
-    import torch
 
-    from memseg_edge.train.export import ExportModel
+    from memseg_edge.bundle import INPUT_NAME
+    from memseg_edge.train.export import write_onnx
 
     sessions = {}
     with tempfile.TemporaryDirectory() as tmp:
         for selection, model in models.items():
             path = Path(tmp) / f"{selection}.onnx"
-            example = torch.zeros(1, image_size, image_size, 3, dtype=torch.uint8)
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-                torch.onnx.export(ExportModel(model, 100).eval(), (example,), str(path), input_names=["image"],
-                                  output_names=["anomaly_map", "score"], opset_version=17, dynamo=False)
+            write_onnx(model, 100, path)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = threads
             sessions[selection] = (ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]),
@@ -101,7 +96,7 @@ def _time_exported(models, image_size: int, rounds: int, threads: int, backbone:
     for _ in range(rounds):
         for selection, (session, _) in sessions.items():
             t = time.perf_counter()
-            session.run(None, {"image": frame})
+            session.run(None, {INPUT_NAME: frame})
             times[selection].append(time.perf_counter() - t)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     print(f"{backbone}, {image_size} px, exported graph, onnxruntime CPU, batch 1, {threads} threads, "

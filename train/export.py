@@ -82,6 +82,20 @@ def _name_memory_subgraph(model: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
+def write_onnx(model: MemSeg, top_k: int, path: str | Path, opset: int = DEFAULT_OPSET) -> None:
+    """The bundle's graph of ``model`` (uint8 image -> map and score, dynamic batch) written to ``path``,
+    without the bundle's naming, checks or model.json: what ``export_bundle`` and timing tools share."""
+    size = model.image_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            ExportModel(model, top_k).eval(), (example,), str(path), input_names=[INPUT_NAME],
+            output_names=[MAP_NAME, SCORE_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, MAP_NAME: {0: "batch"}, SCORE_NAME: {0: "batch"}},
+            opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET,
                   verify: bool = True, log=print) -> Path:
     """Write ``out_dir/model.onnx`` and ``out_dir/model.json``; returns ``out_dir``.
@@ -95,18 +109,11 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFA
     if model.memory is None:
         raise ValueError("this checkpoint was trained without the memory module; the bundle format needs it")
     size = int(ckpt["image_size"])
-    wrapper = ExportModel(model, int(ckpt["top_k"])).eval()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / "model.onnx"
-    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            wrapper, (example,), str(onnx_path), input_names=[INPUT_NAME], output_names=[MAP_NAME, SCORE_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, MAP_NAME: {0: "batch"}, SCORE_NAME: {0: "batch"}},
-            opset_version=opset, do_constant_folding=True, dynamo=False)
+    write_onnx(model, int(ckpt["top_k"]), onnx_path, opset)
     proto = onnx.load(str(onnx_path))
     memory = _name_memory_subgraph(proto)
     proto.doc_string = "MemSeg anomaly segmentation (memseg-edge)"
