@@ -54,5 +54,6 @@ class Decoder:
             self.line.stats.timings(queue=t0 - job.t_in, decode=t1 - t0, preprocess=t2 - t1)
             job.rgb = shrink(rgb, OVERLAY_MAX_SIDE) if self.keep_rgb else None
             job.payload = job.image = None
+            del rgb          # the full-size frame must not stay alive while this thread waits on a full queue
             job.t_ready = t2
             self.line.ready.put(job)

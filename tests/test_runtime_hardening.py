@@ -340,6 +340,8 @@ def _rss_mb() -> float:
 
 
 def test_frames_kept_for_overlays_do_not_hold_full_size_images(tmp_path):
+    from memseg_edge.runtime_decode import OVERLAY_MAX_SIDE
+
     hold = threading.Event()
     big = cv2.imencode(".png", np.zeros((3000, 4000, 3), np.uint8))[1].tobytes()   # 36 MB once decoded
     try:
@@ -353,11 +355,22 @@ def test_frames_kept_for_overlays_do_not_hold_full_size_images(tmp_path):
                 time.sleep(0.05)
             time.sleep(0.5)   # the decode thread has filled the ready queue and waits
             grown = _rss_mb() - before
+            queued = [(job.payload, job.image, job.rgb, job.prepared) for job in list(line.runtime.line.ready.queue)]
             hold.set()
             collect(line.listener, 14, timeout=60)
     finally:
         hold.set()
-    assert grown < 150, f"{grown:.0f} MB held for 14 queued frames"
+    # what each waiting frame holds, exactly: the overlay copy at most OVERLAY_MAX_SIDE on its long side and
+    # the model's input; never the encoded payload or the full-size frame
+    assert len(queued) >= 6, f"only {len(queued)} frames waited: the test did not fill the queue"
+    for payload, image, rgb, prepared in queued:
+        assert payload is None and image is None
+        assert max(rgb.shape[:2]) <= OVERLAY_MAX_SIDE, rgb.shape
+    held = sum(rgb.nbytes + prepared.nbytes for _, _, rgb, prepared in queued) / 2 ** 20
+    assert held < 6 * len(queued), f"{held:.0f} MB held by {len(queued)} queued frames"
+    # the process as a whole: 14 frames at full size would be about 500 MB (11 of them held at once: 8 queued,
+    # 2 in the model, 1 in the decode thread, about 400 MB); shrunk ones about 50 MB, plus the allocator's slack
+    assert grown < 200, f"{grown:.0f} MB held for 14 queued frames"
 
 
 def test_error_texts_and_headers_are_bounded(tmp_path):
