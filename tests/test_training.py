@@ -270,3 +270,98 @@ def test_patch_memory_trains_exports_and_runs_as_standard_ops(product_root, tmp_
     np.testing.assert_allclose(amap[:, 0], predict_maps(model, images, "cpu"), atol=1e-4)
     with pytest.raises(ValueError, match="patch"):
         write_plugin_variants(bundle, precisions=("fp32",), log=lambda *a: None)
+
+
+def test_distance_fusion_is_calibrated_on_training_goods_and_exported_as_computed(product_root, tmp_path):
+    """``model.distance_fusion`` end to end: q_p and q_D come from good images of the training pool only
+    (never a memory sample, never a held-out image), the map is the documented formula and stays in
+    [0, 1), the threshold was chosen on that map, and the exported graph computes the same map."""
+    import torch.nn.functional as F
+
+    from memseg_edge.backends import OnnxRuntimeBackend
+    from memseg_edge.calibration.threshold import threshold_for_false_reject_rate
+    from memseg_edge.scoring import image_scores
+    from memseg_edge.train.datasets import load_images
+    from memseg_edge.train.export import export_bundle
+    from memseg_edge.train.trainer import fusion_calibration_images, to_tensor
+
+    cfg = tiny_config(product_root, iterations=2, **{"model.distance_fusion": True})
+    logs: list[str] = []
+    ckpt = train(cfg, tmp_path / "run", progress=False, log=logs.append)
+    model, c = load_model(ckpt)
+    q = model.fusion_norm.clone()
+    assert bool(torch.all(q > 0)) and not torch.equal(q, torch.ones(2)), q
+    assert any(line.startswith("distance fusion: q_p") for line in logs), logs
+
+    split = split_good(discover(cfg.data).train_good, cfg.model.memory_samples, cfg.data.holdout_fraction, cfg.train.seed)
+    picked = fusion_calibration_images(split.train, cfg.train.seed)
+    assert picked and not set(picked) & (set(split.memory) | set(split.holdout))
+    assert model.calibrate_fusion(to_tensor(load_images(picked, 64), "cpu")) == pytest.approx(q.tolist(), rel=1e-6)
+
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3)).astype(np.uint8)
+    x = to_tensor(images, "cpu")
+    with torch.no_grad():
+        p, d = model._maps(x)
+        fused = model(x)
+        # D by hand: channel means of the normalised differences, upsampled and averaged over the levels
+        diffs, _ = model.memory(model.memory_features(x))
+        by_hand = sum(F.interpolate((di / s).mean(1, keepdim=True), size=(64, 64), mode="bilinear",
+                                    align_corners=False) for di, s in zip(diffs, model.memory.scales())) / 3
+    torch.testing.assert_close(d, by_hand)
+    f = 0.5 * (p / q[0] + d / q[1])
+    torch.testing.assert_close(fused, f / (1 + f))
+    assert float(fused.min()) >= 0 and float(fused.max()) < 1
+
+    holdout_scores = image_scores(predict_maps(model, load_images(split.holdout, 64), "cpu"), c["top_k"])
+    expected = threshold_for_false_reject_rate(holdout_scores, cfg.train.target_false_reject_rate)["threshold"]
+    assert c["threshold"]["threshold"] == pytest.approx(expected, abs=1e-6)
+
+    bundle = export_bundle(ckpt, tmp_path / "bundle", log=lambda *a: None)  # verifies parity at 1e-4 itself
+    amap, _ = OnnxRuntimeBackend(bundle).infer(images)
+    np.testing.assert_allclose(amap[:, 0], fused[:, 0].numpy(), atol=1e-4)
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["distance_fusion"] == pytest.approx({"q_p": float(q[0]), "q_D": float(q[1])})
+
+
+def test_a_checkpoint_saved_before_distance_fusion_keeps_the_map_it_was_made_with(product_root, tmp_path):
+    """A checkpoint whose config predates ``model.distance_fusion`` loads with it off, whatever the
+    default: its threshold was chosen on the decoder's map, which is what it must go on computing."""
+    cfg = tiny_config(product_root, iterations=2, **{"model.distance_fusion": False})
+    path = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    del ckpt["config"]["model"]["distance_fusion"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old, _ = load_model(tmp_path / "old.pt")
+    assert old.cfg.distance_fusion is False and not hasattr(old, "fusion_norm")
+    images = np.random.default_rng(1).integers(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
+    model, _ = load_model(path)
+    np.testing.assert_array_equal(predict_maps(old, images, "cpu"), predict_maps(model, images, "cpu"))
+
+
+def test_adding_distance_fusion_to_a_run_gives_the_run_trained_with_it(product_root, tmp_path):
+    """tools/add_distance_fusion.py finishes a run as training would with the fusion on: the same
+    normalisers, threshold and maps as the same command trained with ``model.distance_fusion: true``
+    (the fusion never touches training), and the weights and memory bank unchanged."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    plain = train(tiny_config(product_root, iterations=2), tmp_path / "plain", progress=False, log=lambda *a: None)
+    fused = train(tiny_config(product_root, iterations=2, **{"model.distance_fusion": True}), tmp_path / "fused",
+                  progress=False, log=lambda *a: None)
+    tool = [sys.executable, str(root / "tools" / "add_distance_fusion.py")]
+    proc = subprocess.run(tool + [str(tmp_path / "plain"), "--out", str(tmp_path / "added")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    added, a = load_model(tmp_path / "added" / "checkpoint.pt")
+    reference, r = load_model(fused)
+    before, _ = load_model(plain)
+    torch.testing.assert_close(added.fusion_norm, reference.fusion_norm, rtol=1e-6, atol=0)
+    assert a["threshold"]["threshold"] == pytest.approx(r["threshold"]["threshold"], rel=1e-6)
+    for name, value in before.state_dict().items():
+        assert torch.equal(value, added.state_dict()[name]), name
+    images = np.random.default_rng(2).integers(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
+    np.testing.assert_allclose(predict_maps(added, images, "cpu"), predict_maps(reference, images, "cpu"), atol=1e-6)
+    again = subprocess.run(tool + [str(tmp_path / "added"), "--out", str(tmp_path / "twice")],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "already has model.distance_fusion on" in again.stderr

@@ -89,6 +89,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} was made by an older memseg-edge (checkpoint format {version}) whose memory bank was filled "
             f"with the frozen encoder in training mode, so its maps are not what this version computes. It cannot "
             f"be converted: train it again (same command; the data and config are in the run folder)")
+    model_cfg = ckpt.get("config", {}).get("model") if isinstance(ckpt.get("config"), dict) else None
+    if isinstance(model_cfg, dict) and "distance_fusion" not in model_cfg:
+        # saved before model.distance_fusion existed: its maps and its threshold are the decoder's alone
+        model_cfg["distance_fusion"] = False
     return ckpt
 
 

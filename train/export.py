@@ -137,6 +137,9 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFA
         "memory_selection": cfg["model"]["memory_selection"],
         **({"memory_patches": [int(b.shape[0]) for b in model.memory.banks()]}
            if cfg["model"]["memory_selection"] == "patch" else {}),
+        # the map is the decoder's probability fused with the memory distance (ModelConfig.distance_fusion)
+        "distance_fusion": ({"q_p": float(model.fusion_norm[0]), "q_D": float(model.fusion_norm[1])}
+                            if model.cfg.distance_fusion else None),
         "memory_subgraph": memory,
         "threshold": ckpt["threshold"],
         "training_list_sha256": ckpt["data"]["training_list_sha256"],

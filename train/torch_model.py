@@ -2,10 +2,12 @@
 
 Input: RGB ``[N, 3, H, W]`` float in [0, 1] (normalisation happens here, so exported graphs and the
 checkpoint cannot disagree about it). Output in training mode: logits ``[N, 2, H, W]``; in eval mode:
-the anomaly probability map ``[N, 1, H, W]`` (softmax channel 1).
+the anomaly map ``[N, 1, H, W]`` in [0, 1]: the probability of the anomaly class (softmax channel 1) or,
+with ``model.distance_fusion``, that probability fused with the memory step's distance map.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,6 +153,11 @@ class MemSeg(nn.Module):
         widths = list(cfg.decoder_channels) or list(DECODER_WIDTHS[cfg.backbone])
         self.decoder = Decoder(self.encoder.channels[3], c, widths,
                                self.encoder.stem_channels if cfg.stem_skip else 0)
+        if cfg.distance_fusion:
+            if not cfg.use_memory:
+                raise ValueError("model.distance_fusion needs the memory step (model.use_memory: true)")
+            # q_p and q_D of ModelConfig.distance_fusion; ones until calibrate_fusion sets them
+            self.register_buffer("fusion_norm", torch.ones(2))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -161,6 +168,38 @@ class MemSeg(nn.Module):
         return [self.smooth(f) for f in self.encoder.frozen_features(self.normalise(images))[1]]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        prob, distance = self._maps(images)
+        if distance is None:
+            return prob
+        return fuse_maps(prob, distance, self.fusion_norm)
+
+    @torch.no_grad()
+    def calibrate_fusion(self, images: torch.Tensor, batch_size: int = 16, quantile: float = 0.99) -> tuple[float, float]:
+        """Set ``q_p`` and ``q_D`` (ModelConfig.distance_fusion) to the ``quantile`` of the pixels of the
+        decoder's map and of the distance map over ``images`` (good images in [0, 1] that are neither
+        memory samples nor the held-out images that choose the threshold). Returns them."""
+        if not self.cfg.distance_fusion:
+            raise ValueError("calibrate_fusion: the model was built without model.distance_fusion")
+        if not len(images):
+            raise ValueError("calibrate_fusion needs at least one good image")
+        was_training = self.training
+        self.eval()
+        ps, ds = [], []
+        for i in range(0, len(images), batch_size):
+            p, d = self._maps(images[i:i + batch_size])
+            ps.append(p.float().cpu().numpy().ravel())
+            ds.append(d.float().cpu().numpy().ravel())
+        self.train(was_training)
+        q = torch.tensor([float(np.percentile(np.concatenate(v), 100 * quantile)) for v in (ps, ds)])
+        if not torch.isfinite(q).all():
+            raise FloatingPointError(f"calibrate_fusion: non-finite normalisers {q.tolist()}")
+        q = q.clamp_min(1e-12)
+        self.fusion_norm.copy_(q.to(self.fusion_norm))
+        return float(q[0]), float(q[1])
+
+    def _maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training: (logits, None). Eval: (anomaly probability ``[N, 1, H, W]``, the memory distance map
+        ``[N, 1, H, W]`` when ``distance_fusion`` is on, else None)."""
         x = self.normalise(images)
         stem, raw, bottleneck = self.encoder(x)
         smoothed = [self.smooth(f) for f in raw]
@@ -178,5 +217,22 @@ class MemSeg(nn.Module):
         skips = self.fusion(feats, attention)
         logits = self.decoder(bottleneck, skips, stem if self.cfg.stem_skip else None)
         if self.training:
-            return logits
-        return torch.softmax(logits, dim=1)[:, 1:2]
+            return logits, None
+        prob = torch.softmax(logits, dim=1)[:, 1:2]
+        if not self.cfg.distance_fusion:
+            return prob, None
+        return prob, distance_map(diffs, prob.shape[-2:])
+
+
+def distance_map(diffs: list[torch.Tensor], size) -> torch.Tensor:
+    """Normalised differences ``[N, C_l, H_l, W_l]`` per level -> their channel means, upsampled
+    (bilinear) to ``size`` and averaged over the levels: ``[N, 1, *size]``."""
+    levels = [F.interpolate(d.mean(dim=1, keepdim=True), size=tuple(size), mode="bilinear", align_corners=False)
+              for d in diffs]
+    return sum(levels) / len(levels)
+
+
+def fuse_maps(prob: torch.Tensor, distance: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """ModelConfig.distance_fusion: ``F = 0.5 * (p / q_p + D / q_D)`` returned as ``F / (1 + F)``."""
+    f = 0.5 * (prob / norm[0] + distance / norm[1])
+    return f / (1.0 + f)

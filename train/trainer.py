@@ -328,17 +328,7 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         dist.destroy_process_group()
         return out_dir / "checkpoint.pt"
 
-    model.eval()
-    holdout = load_images(split.holdout, size)
-    threshold, validation = None, None
-    if len(holdout):
-        good_scores = image_scores(predict_maps(model, holdout, device), cfg.eval.top_k)
-        threshold = threshold_for_false_reject_rate(good_scores, tc.target_false_reject_rate)
-        validation = validate_on_synthetic(model, holdout, good_scores, synthesizer, tc.seed, device, cfg.eval.top_k,
-                                           threshold["threshold"])
-        log(describe_threshold(threshold))
-        for line in validation_report(validation):
-            log(line)
+    threshold, validation = finish_model(model, cfg, split, synthesizer, device, log)
     validation = {**(validation or {}), "history": history,
                   "train_seconds": None if unrecorded else earlier_seconds + elapsed}
     path = checkpoint(it, threshold, validation, seconds=elapsed)
@@ -346,6 +336,41 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         dist.destroy_process_group()
     log(f"checkpoint: {path}")
     return path
+
+
+def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device, log=print) -> tuple[dict | None, dict | None]:
+    """What follows the last iteration, on good images only: the distance-fusion normalisers (from the
+    training pool), then the decision threshold (held-out images) and the synthetic validation. Leaves
+    ``model`` in eval mode; returns (threshold, validation), both None without held-out images."""
+    model.eval()
+    size, tc = cfg.data.image_size, cfg.train
+    if cfg.model.distance_fusion:
+        calibration = fusion_calibration_images(split.train, tc.seed)
+        q_p, q_d = model.calibrate_fusion(to_tensor(load_images(calibration, size), device))
+        log(f"distance fusion: q_p {q_p:.4g}, q_D {q_d:.4g} (99th percentile over {len(calibration)} good "
+            "training images)")
+    holdout = load_images(split.holdout, size)
+    if not len(holdout):
+        return None, None
+    good_scores = image_scores(predict_maps(model, holdout, device), cfg.eval.top_k)
+    threshold = threshold_for_false_reject_rate(good_scores, tc.target_false_reject_rate)
+    validation = validate_on_synthetic(model, holdout, good_scores, synthesizer, tc.seed, device, cfg.eval.top_k,
+                                       threshold["threshold"])
+    log(describe_threshold(threshold))
+    for line in validation_report(validation):
+        log(line)
+    return threshold, validation
+
+
+FUSION_CALIBRATION_IMAGES = 64
+"""At most this many good training images (a seeded pick) set the distance-fusion normalisers."""
+
+
+def fusion_calibration_images(pool: list[Path], seed: int, count: int = FUSION_CALIBRATION_IMAGES) -> list[Path]:
+    """The good images that set ``q_p`` and ``q_D`` (``MemSeg.calibrate_fusion``): a seeded pick from the
+    training pool, never a memory sample or a held-out image."""
+    pick = np.random.default_rng(seed).choice(len(pool), min(count, len(pool)), replace=False)
+    return [pool[i] for i in sorted(pick)]
 
 
 SYNTHETIC_MISS_WARNING = 0.5
