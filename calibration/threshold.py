@@ -71,7 +71,7 @@ def images_to_resolve(target_frr: float) -> int | None:
     return m
 
 
-def threshold_for_false_reject_rate(good_scores: np.ndarray, target_frr: float) -> dict:
+def threshold_for_false_reject_rate(good_scores: np.ndarray, target_frr: float, upper: float | None = None) -> dict:
     """Scores of held-out good images ``[M]`` -> ``{"threshold", "rule", "expected_frr", "frr_upper_95", ...}``.
 
     The threshold is the smallest value such that at most ``k`` good images score at or above it, ``k``
@@ -79,7 +79,8 @@ def threshold_for_false_reject_rate(good_scores: np.ndarray, target_frr: float) 
     (:func:`allowed_rejections`), placed midway to the next good score so that a tiny numeric drift
     (FP16, INT8) does not flip a held-out image. ``expected_frr`` and ``frr_upper_95`` say what it promises for new
     good parts (module docstring); ``resolved`` is False when ``M`` images cannot resolve the target, and
-    ``images_needed`` says how many would.
+    ``images_needed`` says how many would. ``upper``: scores can never exceed it (a map bounded to [0, 1]):
+    the margin above the highest good score then stops halfway to it, so the threshold stays reachable.
     """
     scores = np.sort(np.asarray(good_scores, dtype=np.float64))
     m = len(scores)
@@ -97,6 +98,8 @@ def threshold_for_false_reject_rate(good_scores: np.ndarray, target_frr: float) 
         # Nothing may be rejected: above the highest good score, by a margin of the spread's 5 %.
         spread = float(scores[-1] - scores[0]) if m > 1 else 0.0
         threshold = float(top + max(0.05 * spread, 1e-6))
+        if upper is not None and top < upper:
+            threshold = min(threshold, float(top + (upper - top) / 2.0))
     else:
         threshold = float((top + nxt) / 2.0) if nxt > top else float(np.nextafter(top, np.inf))
     k = int(np.count_nonzero(scores >= threshold))

@@ -24,6 +24,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def map_gain(meta: dict) -> float:
+    """How far the bundle's anomaly map can move per unit move of what the network computes (the decoder's
+    probability, the normalised memory distance): 1 for the decoder's map; with the distance fusion
+    (``model.json`` ``distance_fusion``: q_p, q_D, c), the steepest slope of ``F / (F + c)``,
+    ``max(0.5 / (q_p c), 0.5 / (q_D c))``. Numeric tolerances (export parity, FP16) scale with it."""
+    fusion = meta.get("distance_fusion")
+    if not fusion:
+        return 1.0
+    return max(1.0, 0.5 / (fusion["q_p"] * fusion["c"]), 0.5 / (fusion["q_D"] * fusion["c"]))
+
+
 @dataclass
 class Bundle:
     root: Path

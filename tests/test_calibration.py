@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from memseg_edge.backends import OnnxRuntimeBackend
-from memseg_edge.bundle import load_bundle, sha256_file
+from memseg_edge.bundle import load_bundle, map_gain, sha256_file
 from memseg_edge.calibration.fp16 import convert_fp16
 from memseg_edge.calibration.int8 import (METHODS, WEIGHTED_OPS, ill_conditioned_ops, kept_fp32_nodes,
                                           quantize_int8)
@@ -214,7 +214,9 @@ def test_kept_groups_are_found_from_the_graph_structure(variants):
     kept = _kept(variants["bundle"])
     ops = {g: {by_name[n].op_type for n in names} for g, names in kept.items()}
     assert "Cast" in ops["input"] and {"Sub", "Div"} <= ops["input"]
-    assert {"Softmax", "TopK", "ReduceMean"} <= ops["output"]
+    # the fused map (model.distance_fusion) joins the output to the memory step: its score reduction
+    # then counts as memory-derived; either way it stays float
+    assert "Softmax" in ops["output"] and {"TopK", "ReduceMean"} <= ops["output"] | ops["memory_derived"]
     assert {"MatMul", "ArgMin"} <= ops["memory"]
     assert "ReduceMean" in ops["memory_derived"]  # the spatial-attention channel means
     for group in ("input", "output", "memory_derived"):
@@ -312,10 +314,14 @@ def test_fp16_predictions_match_fp32_on_real_test_images(variants):
     # are almost equally near a position, the float16 features can pick the other one, which moves the
     # map around that position a little. A real conversion error (a wrong scale, a layer in the wrong
     # type) moves whole regions (percents of the pixels) by 0.1 or more, which these bounds still catch.
+    # With the distance fusion (2026-12-06) the map magnifies the decoder's probability by up to its gain
+    # (memseg_edge.bundle.map_gain, 33 on this briefly trained model): mean 7.3e-4, max 0.12, 0.24 % of
+    # pixels moved > 0.02, score 0.041 (1.2e-3 in probability units). The score bound is in those units.
+    gain = map_gain(json.loads((variants["bundle"] / "model.json").read_text()))
     assert diff.mean() < 1e-3
     assert moved < 3e-3
     assert diff.max() < 0.15
-    assert np.abs(score16 - ref_score).max() < 0.01
+    assert np.abs(score16 - ref_score).max() < 0.005 * gain
 
 
 def test_fp16_keeps_user_prefixes_in_float32(variants, tmp_path):

@@ -84,3 +84,16 @@ def test_clopper_pearson_bound_matches_known_values():
     for k, n in ((1, 30), (3, 100), (10, 67)):
         assert binomial_cdf(k, n, clopper_pearson_upper(k, n)) == pytest.approx(0.05, abs=1e-6)
     assert clopper_pearson_upper(5, 5) == 1.0
+
+
+def test_a_threshold_for_a_bounded_map_stays_reachable():
+    """Scores of a map bounded to [0, 1] that crowd near 1 (the fused map on a clean product): the margin
+    above the highest good score must not carry the threshold to 1 or beyond, where no part would fail."""
+    scores = np.r_[np.linspace(0.30, 0.97, 20), 0.995]
+    plain = threshold_for_false_reject_rate(scores, 0.01)
+    assert plain["threshold"] >= 1.0            # what the unbounded rule does: every part would pass
+    bounded = threshold_for_false_reject_rate(scores, 0.01, upper=1.0)
+    assert 0.995 < bounded["threshold"] < 1.0
+    assert bounded["achieved_frr"] == 0.0
+    wide = threshold_for_false_reject_rate(np.linspace(0.1, 0.3, 21), 0.01, upper=1.0)
+    assert wide["threshold"] == threshold_for_false_reject_rate(np.linspace(0.1, 0.3, 21), 0.01)["threshold"]

@@ -290,13 +290,18 @@ def test_distance_fusion_is_calibrated_on_training_goods_and_exported_as_compute
     ckpt = train(cfg, tmp_path / "run", progress=False, log=logs.append)
     model, c = load_model(ckpt)
     q = model.fusion_norm.clone()
-    assert bool(torch.all(q > 0)) and not torch.equal(q, torch.ones(2)), q
+    assert bool(torch.all(q > 0)) and not torch.equal(q, torch.ones(3)), q
     assert any(line.startswith("distance fusion: q_p") for line in logs), logs
 
     split = split_good(discover(cfg.data).train_good, cfg.model.memory_samples, cfg.data.holdout_fraction, cfg.train.seed)
     picked = fusion_calibration_images(split.train, cfg.train.seed)
     assert picked and not set(picked) & (set(split.memory) | set(split.holdout))
-    assert model.calibrate_fusion(to_tensor(load_images(picked, 64), "cpu")) == pytest.approx(q.tolist(), rel=1e-6)
+    calibration = to_tensor(load_images(picked, 64), "cpu")
+    assert model.calibrate_fusion(calibration, c["top_k"]) == pytest.approx(q.tolist(), rel=1e-6)
+    # c puts the worst good calibration image at about 0.5 (a top-k mean of F / (F + c) is at most 0.5
+    # there), the rest below it
+    good = image_scores(predict_maps(model, load_images(picked, 64), "cpu"), c["top_k"])
+    assert 0.4 < float(good.max()) <= 0.5 + 1e-6
 
     images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3)).astype(np.uint8)
     x = to_tensor(images, "cpu")
@@ -309,18 +314,18 @@ def test_distance_fusion_is_calibrated_on_training_goods_and_exported_as_compute
                                     align_corners=False) for di, s in zip(diffs, model.memory.scales())) / 3
     torch.testing.assert_close(d, by_hand)
     f = 0.5 * (p / q[0] + d / q[1])
-    torch.testing.assert_close(fused, f / (1 + f))
+    torch.testing.assert_close(fused, f / (f + q[2]))
     assert float(fused.min()) >= 0 and float(fused.max()) < 1
 
     holdout_scores = image_scores(predict_maps(model, load_images(split.holdout, 64), "cpu"), c["top_k"])
-    expected = threshold_for_false_reject_rate(holdout_scores, cfg.train.target_false_reject_rate)["threshold"]
+    expected = threshold_for_false_reject_rate(holdout_scores, cfg.train.target_false_reject_rate, upper=1.0)["threshold"]
     assert c["threshold"]["threshold"] == pytest.approx(expected, abs=1e-6)
 
     bundle = export_bundle(ckpt, tmp_path / "bundle", log=lambda *a: None)  # verifies parity at 1e-4 itself
     amap, _ = OnnxRuntimeBackend(bundle).infer(images)
     np.testing.assert_allclose(amap[:, 0], fused[:, 0].numpy(), atol=1e-4)
     meta = json.loads((bundle / "model.json").read_text())
-    assert meta["distance_fusion"] == pytest.approx({"q_p": float(q[0]), "q_D": float(q[1])})
+    assert meta["distance_fusion"] == pytest.approx({"q_p": float(q[0]), "q_D": float(q[1]), "c": float(q[2])})
 
 
 def test_a_checkpoint_saved_before_distance_fusion_keeps_the_map_it_was_made_with(product_root, tmp_path):
@@ -346,7 +351,8 @@ def test_adding_distance_fusion_to_a_run_gives_the_run_trained_with_it(product_r
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    plain = train(tiny_config(product_root, iterations=2), tmp_path / "plain", progress=False, log=lambda *a: None)
+    plain = train(tiny_config(product_root, iterations=2, **{"model.distance_fusion": False}), tmp_path / "plain",
+                  progress=False, log=lambda *a: None)
     fused = train(tiny_config(product_root, iterations=2, **{"model.distance_fusion": True}), tmp_path / "fused",
                   progress=False, log=lambda *a: None)
     tool = [sys.executable, str(root / "tools" / "add_distance_fusion.py")]
@@ -365,3 +371,19 @@ def test_adding_distance_fusion_to_a_run_gives_the_run_trained_with_it(product_r
     again = subprocess.run(tool + [str(tmp_path / "added"), "--out", str(tmp_path / "twice")],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode != 0 and "already has model.distance_fusion on" in again.stderr
+
+
+def test_a_run_started_without_distance_fusion_resumes_with_it(product_root, tmp_path):
+    """A run stopped part-way before the fusion existed (or with it off) resumes with it on: the same
+    weights as an uninterrupted run, and the normalisers set at its end."""
+    cfg = tiny_config(product_root, iterations=4, **{"train.checkpoint_every": 0, "model.distance_fusion": True})
+    full = train(cfg, tmp_path / "full", progress=False, log=lambda *a: None)
+    off = apply_overrides(cfg, {"train.iterations": 2, "model.distance_fusion": False})
+    train(off, tmp_path / "half", progress=False, log=lambda *a: None)
+    resumed = train(cfg, tmp_path / "half", resume=tmp_path / "half" / "checkpoint.pt", progress=False,
+                    log=lambda *a: None)
+    a, b = (read_checkpoint(p)["model_state"] for p in (full, resumed))
+    assert set(a) == set(b) and "fusion_norm" in b
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume differs: {k}")
+    assert not torch.equal(b["fusion_norm"], torch.ones(3))

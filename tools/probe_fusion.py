@@ -41,7 +41,7 @@ def maps_and_distances(model, images: np.ndarray, batch_size: int = 16) -> tuple
         x = to_tensor(images[i:i + batch_size], "cpu")
         ps.append(model(x)[:, 0].numpy())
         diffs, _ = model.memory(model.memory_features(x))
-        ds.append(distance_map([d / s for d, s in zip(diffs, model.memory.scales())], x.shape[-2:])[:, 0].numpy())
+        ds.append(distance_map([d / s for d, s in zip(diffs, model.memory.scales())])[:, 0].numpy())
     return np.concatenate(ps), np.concatenate(ds)
 
 

@@ -146,18 +146,18 @@ class MemSeg(nn.Module):
         c = list(self.encoder.channels[:3])
         self.smooth = (nn.AvgPool2d(cfg.feature_smoothing, stride=1, padding=cfg.feature_smoothing // 2,
                                     count_include_pad=False) if cfg.feature_smoothing > 1 else nn.Identity())
-        shapes = [(ci, image_size // s, image_size // s) for ci, s in zip(c, (4, 8, 16))]
+        shapes = [(ci, image_size // s, image_size // s) for ci, s in zip(c, LEVEL_STRIDES)]
         self.memory = MemoryBank(shapes, cfg.memory_samples, cfg.memory_selection, cfg.memory_patches) if cfg.use_memory else None
         fused = [2 * ci for ci in c] if cfg.use_memory else c
         self.fusion = MultiScaleFusion(fused, c, cfg.use_coordinate_attention, cfg.use_multiscale)
         widths = list(cfg.decoder_channels) or list(DECODER_WIDTHS[cfg.backbone])
         self.decoder = Decoder(self.encoder.channels[3], c, widths,
                                self.encoder.stem_channels if cfg.stem_skip else 0)
-        if cfg.distance_fusion:
-            if not cfg.use_memory:
-                raise ValueError("model.distance_fusion needs the memory step (model.use_memory: true)")
-            # q_p and q_D of ModelConfig.distance_fusion; ones until calibrate_fusion sets them
-            self.register_buffer("fusion_norm", torch.ones(2))
+        # ModelConfig.distance_fusion (without a memory step there is no distance to fuse)
+        self.fuses = bool(cfg.distance_fusion and cfg.use_memory)
+        if self.fuses:
+            # q_p, q_D and c (fuse_maps); ones until calibrate_fusion sets them
+            self.register_buffer("fusion_norm", torch.ones(3))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -174,12 +174,17 @@ class MemSeg(nn.Module):
         return fuse_maps(prob, distance, self.fusion_norm)
 
     @torch.no_grad()
-    def calibrate_fusion(self, images: torch.Tensor, batch_size: int = 16, quantile: float = 0.99) -> tuple[float, float]:
-        """Set ``q_p`` and ``q_D`` (ModelConfig.distance_fusion) to the ``quantile`` of the pixels of the
-        decoder's map and of the distance map over ``images`` (good images in [0, 1] that are neither
-        memory samples nor the held-out images that choose the threshold). Returns them."""
-        if not self.cfg.distance_fusion:
-            raise ValueError("calibrate_fusion: the model was built without model.distance_fusion")
+    def calibrate_fusion(self, images: torch.Tensor, top_k: int, batch_size: int = 16,
+                         quantile: float = 0.99) -> tuple[float, float, float]:
+        """Set the fusion's constants (``fuse_maps``) from ``images``: good images in [0, 1] that are neither
+        memory samples nor the held-out images that choose the threshold. ``q_p``, ``q_D``: the ``quantile``
+        of the pixels of the decoder's map and of the distance map; ``c``: the highest image score (mean of
+        the ``top_k`` highest pixels) of the unbounded fused map over the images, so the worst good part
+        scores about 0.5 and the range where a threshold goes keeps its resolution (with a typical good
+        part at 0.5 instead, the decoder's rare false positives on good parts land near 0.98 and the
+        defects are squeezed between them and 1). Returns (q_p, q_D, c)."""
+        if not self.fuses:
+            raise ValueError("calibrate_fusion: the model was built without model.distance_fusion (or without memory)")
         if not len(images):
             raise ValueError("calibrate_fusion needs at least one good image")
         was_training = self.training
@@ -187,19 +192,23 @@ class MemSeg(nn.Module):
         ps, ds = [], []
         for i in range(0, len(images), batch_size):
             p, d = self._maps(images[i:i + batch_size])
-            ps.append(p.float().cpu().numpy().ravel())
-            ds.append(d.float().cpu().numpy().ravel())
+            ps.append(p.float().cpu().numpy().reshape(len(p), -1))
+            ds.append(d.float().cpu().numpy().reshape(len(d), -1))
         self.train(was_training)
-        q = torch.tensor([float(np.percentile(np.concatenate(v), 100 * quantile)) for v in (ps, ds)])
+        p, d = np.concatenate(ps), np.concatenate(ds)
+        q_p, q_d = (max(float(np.percentile(v, 100 * quantile)), 1e-12) for v in (p, d))
+        f = 0.5 * (p / q_p + d / q_d)
+        k = min(top_k, f.shape[1])
+        c = max(float(np.sort(f, axis=1)[:, -k:].mean(axis=1).max()), 1e-12)
+        q = torch.tensor([q_p, q_d, c])
         if not torch.isfinite(q).all():
-            raise FloatingPointError(f"calibrate_fusion: non-finite normalisers {q.tolist()}")
-        q = q.clamp_min(1e-12)
+            raise FloatingPointError(f"calibrate_fusion: non-finite constants {q.tolist()}")
         self.fusion_norm.copy_(q.to(self.fusion_norm))
-        return float(q[0]), float(q[1])
+        return q_p, q_d, c
 
     def _maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training: (logits, None). Eval: (anomaly probability ``[N, 1, H, W]``, the memory distance map
-        ``[N, 1, H, W]`` when ``distance_fusion`` is on, else None)."""
+        ``[N, 1, H, W]`` when the model fuses them, else None)."""
         x = self.normalise(images)
         stem, raw, bottleneck = self.encoder(x)
         smoothed = [self.smooth(f) for f in raw]
@@ -219,20 +228,26 @@ class MemSeg(nn.Module):
         if self.training:
             return logits, None
         prob = torch.softmax(logits, dim=1)[:, 1:2]
-        if not self.cfg.distance_fusion:
+        if not self.fuses:
             return prob, None
-        return prob, distance_map(diffs, prob.shape[-2:])
+        return prob, distance_map(diffs)
 
 
-def distance_map(diffs: list[torch.Tensor], size) -> torch.Tensor:
+LEVEL_STRIDES = (4, 8, 16)
+"""Strides of the three encoder levels the memory compares (finest first)."""
+
+
+def distance_map(diffs: list[torch.Tensor], strides=LEVEL_STRIDES) -> torch.Tensor:
     """Normalised differences ``[N, C_l, H_l, W_l]`` per level -> their channel means, upsampled
-    (bilinear) to ``size`` and averaged over the levels: ``[N, 1, *size]``."""
-    levels = [F.interpolate(d.mean(dim=1, keepdim=True), size=tuple(size), mode="bilinear", align_corners=False)
-              for d in diffs]
+    (bilinear, by each level's stride, so an exported graph keeps static shapes) to the input's size and
+    averaged over the levels: ``[N, 1, H, W]``."""
+    levels = [F.interpolate(d.mean(dim=1, keepdim=True), scale_factor=float(s), mode="bilinear", align_corners=False)
+              for d, s in zip(diffs, strides)]
     return sum(levels) / len(levels)
 
 
 def fuse_maps(prob: torch.Tensor, distance: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """ModelConfig.distance_fusion: ``F = 0.5 * (p / q_p + D / q_D)`` returned as ``F / (1 + F)``."""
+    """ModelConfig.distance_fusion: ``F = 0.5 * (p / q_p + D / q_D)`` returned as ``F / (F + c)``, with
+    ``norm = (q_p, q_D, c)``: in [0, 1), monotone in F, the worst good calibration image's score 0.5."""
     f = 0.5 * (prob / norm[0] + distance / norm[1])
-    return f / (1.0 + f)
+    return f / (f + norm[2])

@@ -205,7 +205,10 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     if resume is not None:
         ckpt = read_checkpoint(resume)
         saved = MemSegConfig.from_dict(ckpt["config"])
-        if saved.model != cfg.model or saved.data.image_size != cfg.data.image_size:
+        # The fusion acts after the last iteration only, so a run may be resumed with it switched (a run
+        # started before it existed, say).
+        if (dataclasses.replace(saved.model, distance_fusion=cfg.model.distance_fusion) != cfg.model
+                or saved.data.image_size != cfg.data.image_size):
             raise ValueError(f"{resume} was trained with a different model or image size; resume needs the same")
         # Defaults change between releases (e.g. the Perlin scales): a resumed run must keep synthesising
         # the anomalies it started with. The texture folder may move between machines.
@@ -241,7 +244,10 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     backbone_origin = ckpt["backbone_weights"] if ckpt else model.encoder.weights_origin
     log(f"encoder: {cfg.model.backbone}, weights: {backbone_origin}")
     if ckpt:
-        model.load_state_dict(ckpt["model_state"])
+        state = {k: v for k, v in ckpt["model_state"].items() if k != "fusion_norm"}  # set again at the end
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"fusion_norm"}:
+            raise ValueError(f"{resume}: its weights do not fit the model (missing {missing}, unexpected {unexpected})")
     elif model.memory is not None:
         model.memory.fill(model.memory_features(to_tensor(load_images(split.memory, size), device)))
 
@@ -344,16 +350,17 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device, l
     ``model`` in eval mode; returns (threshold, validation), both None without held-out images."""
     model.eval()
     size, tc = cfg.data.image_size, cfg.train
-    if cfg.model.distance_fusion:
+    if model.fuses:
         calibration = fusion_calibration_images(split.train, tc.seed)
-        q_p, q_d = model.calibrate_fusion(to_tensor(load_images(calibration, size), device))
-        log(f"distance fusion: q_p {q_p:.4g}, q_D {q_d:.4g} (99th percentile over {len(calibration)} good "
-            "training images)")
+        q_p, q_d, c = model.calibrate_fusion(to_tensor(load_images(calibration, size), device), cfg.eval.top_k)
+        log(f"distance fusion: q_p {q_p:.4g}, q_D {q_d:.4g} (99th percentile), c {c:.4g} (highest score), over "
+            f"{len(calibration)} good training images")
     holdout = load_images(split.holdout, size)
     if not len(holdout):
         return None, None
     good_scores = image_scores(predict_maps(model, holdout, device), cfg.eval.top_k)
-    threshold = threshold_for_false_reject_rate(good_scores, tc.target_false_reject_rate)
+    # every map the model returns is in [0, 1]: a threshold at or above 1 would pass every part
+    threshold = threshold_for_false_reject_rate(good_scores, tc.target_false_reject_rate, upper=1.0)
     validation = validate_on_synthetic(model, holdout, good_scores, synthesizer, tc.seed, device, cfg.eval.top_k,
                                        threshold["threshold"])
     log(describe_threshold(threshold))
