@@ -159,3 +159,17 @@ def test_probe_tool_on_a_trained_model(bottle_model, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
     proc = subprocess.run(cmd[:3] + [str(other)] + cmd[3:], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "held-out images differ" in proc.stderr
+
+
+def test_probe_fusion_scores_a_run_with_and_without_the_fused_map(bottle_model, tmp_path):
+    """tools/probe_fusion.py, the record of the fusion's choice: on a run it reports the decoder's map,
+    the distance map and F on the same probe, with normalisers from training-pool images only."""
+    out = tmp_path / "fusion.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "probe_fusion.py"), str(Path(bottle_model["checkpoint"])),
+           "--data", str(MVTEC), "--category", "bottle", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (only,) = json.loads(out.read_text()).values()
+    assert set(only) >= {"model", "distance", "F"} and only["q_p"] > 0 and only["q_D"] > 0
+    for name in ("model", "distance", "F"):
+        assert only[name]["n_images"] == 21 * 6 and 0.5 < only[name]["pixel_auroc"] <= 1.0   # 5 kinds, no DTD

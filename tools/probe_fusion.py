@@ -26,7 +26,7 @@ from memseg_edge.train import metrics
 from memseg_edge.train.checkpoint import load_model
 from memseg_edge.train.config import DataConfig, MemSegConfig
 from memseg_edge.train.datasets import discover, load_images, split_good
-from memseg_edge.train.probe import PROBE_KINDS, make_probe_set
+from memseg_edge.train.probe import PROBE_KINDS, describe_probe, make_probe_set
 from memseg_edge.train.synthesis import list_textures
 from memseg_edge.train.torch_model import distance_map
 from memseg_edge.train.trainer import fusion_calibration_images, to_tensor
@@ -34,12 +34,13 @@ from memseg_edge.train.trainer import fusion_calibration_images, to_tensor
 
 @torch.no_grad()
 def maps_and_distances(model, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The model's anomaly maps p and the memory distance maps D, both ``[N, H, W]`` float32."""
+    """The decoder's anomaly probability p (whatever the run's ``distance_fusion``) and the memory distance
+    map D, both ``[N, H, W]`` float32."""
     model.eval()
     ps, ds = [], []
     for i in range(0, len(images), batch_size):
         x = to_tensor(images[i:i + batch_size], "cpu")
-        ps.append(model(x)[:, 0].numpy())
+        ps.append(model._maps(x)[0][:, 0].numpy())   # the decoder's probability, fused or not
         diffs, _ = model.memory(model.memory_features(x))
         ds.append(distance_map([d / s for d, s in zip(diffs, model.memory.scales())])[:, 0].numpy())
     return np.concatenate(ps), np.concatenate(ds)
@@ -84,12 +85,7 @@ def main(runs, data, category, textures, calibration, seed, json_path):
         print(f"{run}: {len(split.holdout)} held-out good + {len(probe.kinds) - len(split.holdout)} probe defects; "
               f"q_p {q_p:.4g}, q_D {q_d:.4g} from {len(pick)} training-pool images", flush=True)
         for name in ("model", "distance", "F"):
-            r = res[name]
-            mean = (r["image_auroc"] + r["pixel_auroc"] + r["aupro"]) / 3
-            per = "  ".join(f"{k.removeprefix('probe-')} {v['pixel_auroc']:.4f}/{v['aupro']:.4f}"
-                            for k, v in r["per_defect"].items())
-            print(f"  {name:8s} image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
-                  f"AUPRO {r['aupro']:.4f}  mean {mean:.4f}   per kind (pixel/AUPRO): {per}", flush=True)
+            print(f"  {name:8s} {describe_probe(res[name])}", flush=True)
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
     return 0

@@ -23,7 +23,7 @@ from memseg_edge.train.checkpoint import load_model
 from memseg_edge.train.config import DataConfig, MemSegConfig
 from memseg_edge.train.datasets import discover, load_images, split_good
 from memseg_edge.train.plots import _contour_image
-from memseg_edge.train.probe import PROBE_KINDS, make_probe_set, run_probe
+from memseg_edge.train.probe import PROBE_KINDS, describe_probe, make_probe_set, run_probe
 from memseg_edge.train.synthesis import _label, list_textures
 from memseg_edge.train.trainer import predict_maps
 
@@ -77,10 +77,7 @@ def main(runs, data, category, textures, sigmas, seed, json_path, preview):
         res = run_probe(lambda x: predict_maps(model, x, "cpu"), probe, int(ckpt["top_k"]), sig)
         results[str(run)] = res
         for name, r in res.items():
-            per = "  ".join(f"{k.removeprefix('probe-')} {v['pixel_auroc']:.4f}/{v['aupro']:.4f}"
-                            for k, v in r["per_defect"].items())
-            print(f"{run}  {name}: image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  "
-                  f"AUPRO {r['aupro']:.4f}   per kind (pixel/AUPRO): {per}", flush=True)
+            print(f"{run}  {name}: {describe_probe(r)}", flush=True)
     if json_path:
         json_path.write_text(json.dumps(results, indent=2))
     return 0

@@ -226,3 +226,11 @@ def run_probe(predict: Callable[[np.ndarray], np.ndarray], probe: ProbeSet, top_
         m = smooth_maps(maps, s)
         out[f"sigma={s:g}"] = metrics.evaluate_maps(m, probe.masks, image_scores(m, top_k), probe.labels, probe.kinds)
     return out
+
+
+def describe_probe(r: dict) -> str:
+    """One result of :func:`run_probe` (``metrics.evaluate_maps``) as a line: overall, then per kind."""
+    per = "  ".join(f"{k.removeprefix('probe-')} {v['pixel_auroc']:.4f}/{v['aupro']:.4f}"
+                    for k, v in r["per_defect"].items())
+    return (f"image AUROC {r['image_auroc']:.4f}  pixel AUROC {r['pixel_auroc']:.4f}  AUPRO {r['aupro']:.4f}  "
+            f"mean {(r['image_auroc'] + r['pixel_auroc'] + r['aupro']) / 3:.4f}   per kind (pixel/AUPRO): {per}")
