@@ -306,7 +306,7 @@ def test_distance_fusion_is_calibrated_on_training_goods_and_exported_as_compute
     images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3)).astype(np.uint8)
     x = to_tensor(images, "cpu")
     with torch.no_grad():
-        p, d = model._maps(x)
+        p, d = model.component_maps(x)
         fused = model(x)
         # D by hand: channel means of the normalised differences, upsampled and averaged over the levels
         diffs, _ = model.memory(model.memory_features(x))

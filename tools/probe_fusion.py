@@ -40,7 +40,7 @@ def maps_and_distances(model, images: np.ndarray, batch_size: int = 16) -> tuple
     ps, ds = [], []
     for i in range(0, len(images), batch_size):
         x = to_tensor(images[i:i + batch_size], "cpu")
-        ps.append(model._maps(x)[0][:, 0].numpy())   # the decoder's probability, fused or not
+        ps.append(model.component_maps(x)[0][:, 0].numpy())   # the decoder's probability, fused or not
         diffs, _ = model.memory(model.memory_features(x))
         ds.append(distance_map([d / s for d, s in zip(diffs, model.memory.scales())])[:, 0].numpy())
     return np.concatenate(ps), np.concatenate(ds)

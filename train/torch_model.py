@@ -168,7 +168,7 @@ class MemSeg(nn.Module):
         return [self.smooth(f) for f in self.encoder.frozen_features(self.normalise(images))[1]]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        prob, distance = self._maps(images)
+        prob, distance = self.component_maps(images)
         if distance is None:
             return prob
         return fuse_maps(prob, distance, self.fusion_norm)
@@ -191,7 +191,7 @@ class MemSeg(nn.Module):
         self.eval()
         ps, ds = [], []
         for i in range(0, len(images), batch_size):
-            p, d = self._maps(images[i:i + batch_size])
+            p, d = self.component_maps(images[i:i + batch_size])
             ps.append(p.float().cpu().numpy().reshape(len(p), -1))
             ds.append(d.float().cpu().numpy().reshape(len(d), -1))
         self.train(was_training)
@@ -206,7 +206,7 @@ class MemSeg(nn.Module):
         self.fusion_norm.copy_(q.to(self.fusion_norm))
         return q_p, q_d, c
 
-    def _maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def component_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Training: (logits, None). Eval: (anomaly probability ``[N, 1, H, W]``, the memory distance map
         ``[N, 1, H, W]`` when the model fuses them, else None)."""
         x = self.normalise(images)
