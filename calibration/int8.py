@@ -25,6 +25,13 @@ Some parts of the graph stay in float (``kept_fp32_nodes``; the same plan serves
 * ``output``: everything after the decoder's last convolution (softmax, channel slice, top-k mean
   score): the probabilities the verdict is made from. The last convolution itself is INT8 on its input
   and weights; its logits leave it in float.
+* ``encoder`` (INT8 only, not FP16): everything computed without the memory step, i.e. every node that
+  is not downstream of it: the frozen encoder levels the memory step reads, and the trainable bottleneck
+  beside them. The memory step measures each feature against a bank filled with float features, and a
+  feature close to its nearest bank vector has a difference as small as INT8's rounding of it: with the
+  encoder in INT8 the differences of good parts moved 32-36 % (magnetic_tile). The encoder is ~15 % of
+  the model's convolution work (MobileNetV2, 256 px); the fusion and decoder convolutions stay INT8.
+  Chosen on the defect probe of both products (BENCHMARKS.md, "INT8 choice").
 * ``ill_conditioned``: weighted ops with an output channel whose weights are far larger than the
   layer's others (``ill_conditioned_ops``), and everything upstream of them. ImageNet MobileNetV2 has
   one in its first stage (a channel ~80x its neighbours after batch-norm folding); with it in INT8 the
@@ -62,7 +69,7 @@ MAX_IR_VERSION = 10
 """onnxruntime 1.31 refuses IR versions above 10 (onnx 1.23 helpers write 14)."""
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 """Ops that carry learned weights: the boundaries of the kept-in-float regions."""
-KEPT_GROUPS = ("input", "memory", "memory_derived", "output", "ill_conditioned", "user")
+KEPT_GROUPS = ("input", "memory", "memory_derived", "encoder", "output", "ill_conditioned", "user")
 GAIN_RATIO = 32.0
 """``ill_conditioned_ops``: a channel 32x above the layer's median keeps about 3 of the input's 8 bits."""
 _CHUNK = 8  # calibration images whose activations are held in memory at once
@@ -144,13 +151,14 @@ def ill_conditioned_ops(model, gain_ratio: float = GAIN_RATIO) -> list[str]:
 
 
 def kept_fp32_nodes(model, prefix: str, keep_fp32: Iterable[str] | None = None,
-                    gain_ratio: float | None = GAIN_RATIO) -> dict[str, list[str]]:
+                    gain_ratio: float | None = GAIN_RATIO, encoder: bool = False) -> dict[str, list[str]]:
     """Names of the nodes that stay in float, by group (see the module docstring). Constant nodes are
     left out (they compute nothing). Every node must have a name (``_name_nodes``).
 
     Selection is structural: the graph input's reach up to the first weighted op, the memory prefix,
     the memory outputs' reach up to the next weighted ops, the graph outputs' ancestors back to the last
-    weighted op, and the user's prefixes. Raises ``ValueError`` when the memory subgraph is absent or a
+    weighted op, with ``encoder`` every node that is not downstream of the memory step, and the user's
+    prefixes. Raises ``ValueError`` when the memory subgraph is absent or a
     user prefix matches no node."""
     graph = model.graph
     nodes = list(graph.node)
@@ -195,16 +203,31 @@ def kept_fp32_nodes(model, prefix: str, keep_fp32: Iterable[str] | None = None,
         outputs.add(i)
         todo.extend(t for t in nodes[i].input if t)
 
+    def upstream(todo: deque) -> set[int]:
+        seen: set[int] = set()
+        while todo:
+            i = todo.popleft()
+            if i in seen:
+                continue
+            seen.add(i)
+            todo.extend(producer[t] for t in nodes[i].input if t in producer)
+        return seen
+
+    encoder_side: set[int] = set()
+    if encoder:  # every node the memory step's results never reach
+        after, todo = set(), deque(o for i in memory for o in nodes[i].output if o)
+        while todo:
+            for i in consumers.get(todo.popleft(), []):
+                if i not in after and i not in memory:
+                    after.add(i)
+                    todo.extend(o for o in nodes[i].output if o)
+        encoder_side = set(range(len(nodes))) - after - memory
+
     ill: set[int] = set()
     if gain_ratio is not None:
         index = {n.name: i for i, n in enumerate(nodes)}
-        todo = deque(index[name] for name in ill_conditioned_ops(model, gain_ratio))
-        while todo:  # the op and everything upstream of it: its input must not be rounded either
-            i = todo.popleft()
-            if i in ill:
-                continue
-            ill.add(i)
-            todo.extend(producer[t] for t in nodes[i].input if t in producer)
+        # the op and everything upstream of it: its input must not be rounded either
+        ill = upstream(deque(index[name] for name in ill_conditioned_ops(model, gain_ratio)))
 
     user: set[int] = set()
     for p in keep_fp32 or []:
@@ -215,7 +238,8 @@ def kept_fp32_nodes(model, prefix: str, keep_fp32: Iterable[str] | None = None,
         user |= hit
 
     groups = {"input": inputs, "memory": memory, "memory_derived": derived - memory,
-              "output": outputs - memory - derived, "ill_conditioned": ill - inputs - memory, "user": user}
+              "encoder": encoder_side - inputs - ill, "output": outputs - memory - derived,
+              "ill_conditioned": ill - inputs - memory, "user": user}
     return {k: [nodes[i].name for i in sorted(v) if nodes[i].op_type != "Constant"] for k, v in groups.items()}
 
 
@@ -230,7 +254,8 @@ def kept_fp32_summary(groups: dict[str, list[str]], prefix: str, keep_fp32: Iter
     """The list written to ``model.json``: the memory subgraph and user prefixes as ``prefix*``, the
     other kept nodes by name."""
     summary = [f"{prefix}*"] + [f"{p}*" for p in keep_fp32 or []]
-    named = sorted({n for g in ("input", "memory_derived", "output", "ill_conditioned") for n in groups[g]})
+    named = sorted({n for g in ("input", "memory_derived", "encoder", "output", "ill_conditioned")
+                    for n in groups[g]})
     return summary + [n for n in named if not any(n.startswith(s[:-1]) for s in summary)]
 
 
@@ -480,7 +505,7 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
 
     model = onnx.load(str(fp32_path))
     _name_nodes(model.graph)
-    groups = kept_fp32_nodes(model, prefix, keep_fp32)
+    groups = kept_fp32_nodes(model, prefix, keep_fp32, encoder=True)
     kept = {n for g in groups.values() for n in g}
     # Constant nodes of kept groups are excluded too (harmless: onnxruntime never quantizes them).
     exclude = sorted(kept | {n.name for n in model.graph.node if n.name.startswith(prefix)})

@@ -302,9 +302,10 @@ def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet, threads
     """Make precision variants of a bundle: INT8 (--images) and/or FP16 (--fp16).
 
     INT8: explicit quantization (QuantizeLinear/DequantizeLinear), symmetric (zero points 0, as TensorRT
-    needs), per-channel weights, calibrated on your good images. The memory-bank step, what its
-    differences feed, the input normalisation and the softmax/score stay FP32. FP16: weights and
-    activations in FP16 with the same parts kept in FP32. Check each with `memseg-edge eval BUNDLE/<file>`.
+    needs), per-channel weights, calibrated on your good images. The memory-bank step, the frozen encoder
+    that feeds it, what its differences feed, the input normalisation and the softmax/score stay FP32;
+    the fusion and decoder convolutions (about 85 % of the work) are INT8. FP16: weights and activations
+    in FP16 with the same parts kept in FP32, the encoder included. Check each with `memseg-edge eval BUNDLE/<file>`.
     A variant made again replaces the previous one: the command says so, removes the plugin variants made
     from it, and engines built from it are refused by run and eval until rebuilt.
     """

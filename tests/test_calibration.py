@@ -128,6 +128,49 @@ def test_int8_keeps_memory_step_input_normalisation_and_probabilities_in_float(v
     assert readers and all(n.name in kept["input"] for n in readers)
 
 
+def test_int8_keeps_the_encoder_that_feeds_the_memory_step_in_float(variants):
+    """The bank holds float features; an INT8 encoder's rounding is as large as a good part's distance to
+    it (BENCHMARKS.md, "INT8 choice"). Every op the memory step's inputs are computed from is float in
+    model.int8.onnx, and the work after the memory step (fusion and decoder convolutions) is INT8."""
+    model = onnx.load(str(variants["int8"]))
+    meta = json.loads((variants["bundle"] / "model.json").read_text())
+    prefix = meta["memory_subgraph"]["node_prefix"]
+    prod = _producers(model)
+    qdq = {"QuantizeLinear", "DequantizeLinear"}
+    upstream, todo = set(), list(meta["memory_subgraph"]["inputs"])
+    while todo:
+        node = prod.get(todo.pop())
+        if node is None or node.name in upstream:
+            continue
+        assert node.op_type not in qdq, f"{node.name} rounds what the memory step reads"
+        upstream.add(node.name)
+        todo.extend(node.input)
+    encoder_convs = [n for n in model.graph.node if n.name in upstream and n.op_type in WEIGHTED_OPS]
+    assert len(encoder_convs) >= 10
+    for n in encoder_convs:
+        assert not [t for t in n.input if t in prod and prod[t].op_type in qdq], n.name
+    int8_ops = [n for n in model.graph.node if n.op_type in WEIGHTED_OPS and not n.name.startswith(prefix)
+                and any(t in prod and prod[t].op_type == "DequantizeLinear" for t in n.input)]
+    assert len(int8_ops) >= 20 and not {n.name for n in int8_ops} & upstream
+    entry = meta["files"]["model.int8.onnx"]["kept_fp32"]
+    assert {n.name for n in encoder_convs} <= set(entry)
+    # FP16 keeps its plan: the encoder is converted (its kept groups have no encoder group).
+    fp32 = onnx.load(str(variants["bundle"] / "model.onnx"))
+    assert kept_fp32_nodes(fp32, prefix)["encoder"] == []
+    groups = kept_fp32_nodes(fp32, prefix, encoder=True)
+    assert {n.name for n in encoder_convs} <= set(groups["encoder"]) | set(groups["ill_conditioned"])
+    # Nothing in the group depends on the memory step: no tensor it reads is computed from it.
+    after, todo = set(), [o for n in fp32.graph.node if n.name.startswith(prefix) for o in n.output]
+    while todo:
+        t = todo.pop()
+        for n in fp32.graph.node:
+            if t in n.input and n.name not in after:
+                after.add(n.name)
+                todo.extend(n.output)
+    assert not set(groups["encoder"]) & after
+    assert any(n.startswith("/model/decoder/") for n in after)
+
+
 def test_int8_is_recorded_in_model_json(variants):
     bundle, _ = load_bundle(variants["bundle"])
     entry = bundle.meta["files"]["model.int8.onnx"]

@@ -173,3 +173,34 @@ def test_probe_fusion_scores_a_run_with_and_without_the_fused_map(bottle_model, 
     assert set(only) >= {"model", "distance", "F"} and only["q_p"] > 0 and only["q_D"] > 0
     for name in ("model", "distance", "F"):
         assert only[name]["n_images"] == 21 * 6 and 0.5 < only[name]["pixel_auroc"] <= 1.0   # 5 kinds, no DTD
+
+
+def test_probe_precision_compares_a_bundles_variants_on_the_probe(bottle_model, tmp_path):
+    """tools/probe_precision.py, how INT8 plans are chosen without test images: every precision file of
+    the bundle and every --variant run on the same probe; a variant identical to FP32 changes nothing,
+    and 'worst' is the most negative change of the three measures."""
+    import shutil
+
+    from memseg_edge.calibration.fp16 import convert_fp16
+
+    run = Path(bottle_model["checkpoint"]).parent
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bottle_model["bundle"], bundle)
+    convert_fp16(bundle, log=lambda *a: None)
+    out = tmp_path / "precision.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "probe_precision.py"), str(run), "--bundle", str(bundle),
+           "--variant", f"same={bundle / 'model.onnx'}", "--data", str(MVTEC), "--category", "bottle",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "test images are not read" in proc.stdout
+    res = json.loads(out.read_text())
+    assert set(res) == {"fp32", "fp16", "same"}
+    for r in res.values():
+        assert r["n_images"] == 21 * 6 and 0.5 < r["pixel_auroc"] <= 1.0     # 21 held out, 5 kinds (no DTD)
+    assert res["same"]["change_vs_fp32"] == {"image_auroc": 0.0, "pixel_auroc": 0.0, "aupro": 0.0, "worst": 0.0}
+    c = res["fp16"]["change_vs_fp32"]
+    assert c["worst"] == min(c["image_auroc"], c["pixel_auroc"], c["aupro"]) and abs(c["worst"]) < 0.01
+    bad = subprocess.run(cmd[:5] + ["--variant", "fp16=" + str(bundle / "model.onnx")] + cmd[5:],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "already a variant" in bad.stderr
