@@ -172,12 +172,12 @@ def kept_fp32_nodes(model, prefix: str, keep_fp32: Iterable[str] | None = None,
             if t:
                 producer[t] = i
 
-    def forward(start: Iterable[str], skip: set[int]) -> set[int]:
+    def forward(start: Iterable[str], skip: set[int], through_weighted: bool = False) -> set[int]:
         seen: set[int] = set()
         todo = deque(start)
         while todo:
             for i in consumers.get(todo.popleft(), []):
-                if i in seen or i in skip or nodes[i].op_type in WEIGHTED_OPS:
+                if i in seen or i in skip or (nodes[i].op_type in WEIGHTED_OPS and not through_weighted):
                     continue
                 seen.add(i)
                 todo.extend(o for o in nodes[i].output if o)
@@ -215,12 +215,7 @@ def kept_fp32_nodes(model, prefix: str, keep_fp32: Iterable[str] | None = None,
 
     encoder_side: set[int] = set()
     if encoder:  # every node the memory step's results never reach
-        after, todo = set(), deque(o for i in memory for o in nodes[i].output if o)
-        while todo:
-            for i in consumers.get(todo.popleft(), []):
-                if i not in after and i not in memory:
-                    after.add(i)
-                    todo.extend(o for o in nodes[i].output if o)
+        after = forward(memory_outputs, memory, through_weighted=True)
         encoder_side = set(range(len(nodes))) - after - memory
 
     ill: set[int] = set()

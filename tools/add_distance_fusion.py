@@ -19,7 +19,7 @@ import click
 
 from memseg_edge.train.checkpoint import read_checkpoint, save_checkpoint
 from memseg_edge.train.config import MemSegConfig
-from memseg_edge.train.datasets import discover, split_good
+from memseg_edge.train.datasets import discover, run_split
 from memseg_edge.train.synthesis import AnomalySynthesizer
 from memseg_edge.train.torch_model import MemSeg
 from memseg_edge.train.trainer import finish_model
@@ -41,8 +41,7 @@ def add_distance_fusion(run: Path, out: Path, log=print) -> Path:
     missing, unexpected = model.load_state_dict(ckpt["model_state"], strict=False)
     if list(missing) != ["fusion_norm"] or unexpected:
         raise click.ClickException(f"{run}: its weights do not fit this model (missing {missing}, unexpected {unexpected})")
-    split = split_good(discover(cfg.data).train_good, cfg.model.memory_samples, cfg.data.holdout_fraction,
-                       cfg.train.seed)
+    split = run_split(cfg, discover(cfg.data).train_good)
     if ([p.name for p in split.memory] != ckpt["data"]["memory_images"]
             or [p.name for p in split.holdout] != ckpt["data"]["holdout_images"]):
         raise click.ClickException(f"{run}: the good images under {cfg.data.root} no longer split as they did in "

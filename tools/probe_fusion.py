@@ -25,8 +25,8 @@ from memseg_edge.scoring import image_scores
 from memseg_edge.train import metrics
 from memseg_edge.train.checkpoint import load_model
 from memseg_edge.train.config import DataConfig, MemSegConfig
-from memseg_edge.train.datasets import discover, load_images, split_good
-from memseg_edge.train.probe import PROBE_KINDS, describe_probe, make_probe_set
+from memseg_edge.train.datasets import discover, load_images, run_split
+from memseg_edge.train.probe import describe_probe, make_probe_set, probe_kinds
 from memseg_edge.train.synthesis import list_textures
 from memseg_edge.train.torch_model import distance_map
 from memseg_edge.train.trainer import fusion_calibration_images, to_tensor
@@ -61,7 +61,7 @@ def scores(maps: np.ndarray, probe, top_k: int) -> dict:
 @click.option("--seed", default=0, show_default=True, help="Seed of the probe defects (the calibration pick is the run's own, as training makes it).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def main(runs, data, category, textures, calibration, seed, json_path):
-    kinds = PROBE_KINDS if textures else tuple(k for k in PROBE_KINDS if k != "texture")
+    kinds = probe_kinds(textures)
     tex = list_textures(textures) if textures else []
     results = {}
     for run in runs:
@@ -71,7 +71,7 @@ def main(runs, data, category, textures, calibration, seed, json_path):
         cfg = MemSegConfig.from_dict(ckpt["config"])
         size = int(ckpt["image_size"])
         ds = discover(DataConfig(root=str(data), category=category, image_size=size))
-        split = split_good(ds.train_good, cfg.model.memory_samples, cfg.data.holdout_fraction, cfg.train.seed)
+        split = run_split(cfg, ds.train_good)
         pick = fusion_calibration_images(split.train, cfg.train.seed, calibration)
         p_cal, d_cal = maps_and_distances(model, load_images(pick, size))
         q_p, q_d = float(np.percentile(p_cal, 99)), float(np.percentile(d_cal, 99))

@@ -20,14 +20,13 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 import yaml
 
 from memseg_edge.backends import OnnxRuntimeBackend
 from memseg_edge.bundle import PRECISION_FILES, load_bundle
 from memseg_edge.train.config import DataConfig, MemSegConfig
-from memseg_edge.train.datasets import discover, load_images, split_good
-from memseg_edge.train.probe import PROBE_KINDS, describe_probe, make_probe_set, run_probe
+from memseg_edge.train.datasets import discover, load_images, run_split
+from memseg_edge.train.probe import describe_probe, make_probe_set, probe_kinds, run_probe
 from memseg_edge.train.synthesis import list_textures
 
 MEASURES = ("image_auroc", "pixel_auroc", "aupro")
@@ -75,9 +74,8 @@ def main(run, bundle, extra, data, category, textures, seed, threads, json_path)
 
     cfg = MemSegConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     ds = discover(DataConfig(root=str(data), category=category, image_size=b.image_size))
-    split = split_good(ds.train_good, cfg.model.memory_samples if cfg.model.use_memory else 0,
-                       cfg.data.holdout_fraction, cfg.train.seed)
-    kinds = PROBE_KINDS if textures else tuple(k for k in PROBE_KINDS if k != "texture")
+    split = run_split(cfg, ds.train_good)
+    kinds = probe_kinds(textures)
     probe = make_probe_set(load_images(split.holdout, b.image_size), cfg.synthesis.foreground,
                            list_textures(textures) if textures else [], kinds, seed)
     print(f"probe: {len(split.holdout)} held-out good images + {len(probe.kinds) - len(split.holdout)} probe "

@@ -21,9 +21,9 @@ import numpy as np
 
 from memseg_edge.train.checkpoint import load_model
 from memseg_edge.train.config import DataConfig, MemSegConfig
-from memseg_edge.train.datasets import discover, load_images, split_good
+from memseg_edge.train.datasets import discover, load_images, run_split
 from memseg_edge.train.plots import _contour_image
-from memseg_edge.train.probe import PROBE_KINDS, describe_probe, make_probe_set, run_probe
+from memseg_edge.train.probe import describe_probe, make_probe_set, probe_kinds, run_probe
 from memseg_edge.train.synthesis import _label, list_textures
 from memseg_edge.train.trainer import predict_maps
 
@@ -52,7 +52,7 @@ def _preview(probe, path: Path, n: int = 8) -> None:
 @click.option("--preview", type=click.Path(path_type=Path), default=None, help="PNG strip of probe samples.")
 def main(runs, data, category, textures, sigmas, seed, json_path, preview):
     sig = [float(s) for s in sigmas.split(",") if s.strip()]
-    kinds = PROBE_KINDS if textures else tuple(k for k in PROBE_KINDS if k != "texture")
+    kinds = probe_kinds(textures)
     tex = list_textures(textures) if textures else []
     results, split_key, probe = {}, None, None
     for run in runs:
@@ -60,8 +60,7 @@ def main(runs, data, category, textures, sigmas, seed, json_path, preview):
         model, ckpt = load_model(ckpt_path)
         cfg = MemSegConfig.from_dict(ckpt["config"])
         ds = discover(DataConfig(root=str(data), category=category, image_size=ckpt["image_size"]))
-        split = split_good(ds.train_good, cfg.model.memory_samples if cfg.model.use_memory else 0,
-                           cfg.data.holdout_fraction, cfg.train.seed)
+        split = run_split(cfg, ds.train_good)
         key = (tuple(p.name for p in split.holdout), ckpt["image_size"])
         if split_key is None:
             split_key = key

@@ -104,6 +104,14 @@ def split_good(images: list[Path], memory_samples: int, holdout_fraction: float,
                  sorted(pick[memory_samples + n_hold:]))
 
 
+def run_split(cfg, images: list[Path]) -> Split:
+    """The split a training run of ``cfg`` (a ``MemSegConfig``) makes of the good images ``images``:
+    ``split_good`` with the run's memory size (0 without the memory step), hold-out fraction and seed.
+    Tools that score a run's held-out images call this, so they pick the images training held out."""
+    return split_good(images, cfg.model.memory_samples if cfg.model.use_memory else 0,
+                      cfg.data.holdout_fraction, cfg.train.seed)
+
+
 def hash_image_list(paths: list[Path]) -> str:
     """sha256 over the names and contents of the training images (order-independent)."""
     h = hashlib.sha256()

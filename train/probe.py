@@ -42,6 +42,11 @@ LINE_KINDS: tuple[str, ...] = ("scratch", "crack")
 PROBE_KINDS: tuple[str, ...] = BLOB_KINDS + LINE_KINDS
 
 
+def probe_kinds(textures) -> tuple[str, ...]:
+    """The probe kinds a run can use: all of them with a texture folder, without 'texture' otherwise."""
+    return PROBE_KINDS if textures else tuple(k for k in PROBE_KINDS if k != "texture")
+
+
 def _polyline_mask(shape: tuple[int, int], points: np.ndarray, width: int) -> np.ndarray:
     mask = np.zeros(shape, np.uint8)
     cv2.polylines(mask, [np.round(points).astype(np.int32).reshape(-1, 1, 2)], False, 1, thickness=int(width),

@@ -29,7 +29,7 @@ from memseg_edge.scoring import image_scores
 from . import metrics
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import MemSegConfig
-from .datasets import TrainingStream, discover, hash_image_list, load_images, split_good
+from .datasets import TrainingStream, discover, hash_image_list, load_images, run_split
 from .loss import memseg_loss
 from .synthesis import NO_TEXTURES, AnomalySynthesizer, foreground_mask
 from .torch_model import MemSeg
@@ -223,8 +223,7 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         unrecorded = ckpt.get("train_seconds") is None and start_it > 0
 
     data = discover(cfg.data)
-    split = split_good(data.train_good, cfg.model.memory_samples if cfg.model.use_memory else 0,
-                       cfg.data.holdout_fraction, tc.seed)
+    split = run_split(cfg, data.train_good)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
