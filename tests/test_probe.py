@@ -204,3 +204,8 @@ def test_probe_precision_compares_a_bundles_variants_on_the_probe(bottle_model, 
     bad = subprocess.run(cmd[:5] + ["--variant", "fp16=" + str(bundle / "model.onnx")] + cmd[5:],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "already a variant" in bad.stderr
+    for args in ([str(tmp_path)], [str(run), "--bundle", str(tmp_path)], [str(run), "--bundle", str(bundle),
+                                                                          "--variant", "noequals"]):
+        bad = subprocess.run(cmd[:2] + args + ["--data", str(MVTEC), "--category", "bottle"],
+                             capture_output=True, text=True, timeout=600)
+        assert bad.returncode != 0 and "Error:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -62,7 +62,12 @@ def _variant(spec: str) -> tuple[str, Path]:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def main(run, bundle, extra, data, category, textures, seed, threads, json_path):
     bundle_dir = bundle or run / "bundle"
-    b, _ = load_bundle(bundle_dir)
+    if not (run / "config.yaml").is_file():
+        raise click.ClickException(f"{run}: no config.yaml; give a training run's folder (its held-out split)")
+    try:
+        b, _ = load_bundle(bundle_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(f"{e} (export one with `memseg-edge export {run}`, or give --bundle)")
     variants = {p: bundle_dir / f for p, f in PRECISION_FILES.items() if (bundle_dir / f).is_file()}
     for spec in extra:
         name, path = _variant(spec)
