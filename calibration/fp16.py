@@ -34,6 +34,7 @@ from memseg_edge.bundle import load_bundle
 
 from .int8 import (_name_nodes, check_interface, describe_kept, fix_ir_version, kept_fp32_nodes,
                    kept_fp32_summary, memory_prefix, previous_sha256, report_replaced, save_model)
+from .threshold import choose_variant_threshold
 
 FP16_MAX = 65504.0
 
@@ -194,10 +195,13 @@ def to_fp16(model, kept: set[str], float_tensors: set[str] = frozenset()):
     return result
 
 
-def convert_fp16(bundle_dir: str | Path, keep_fp32: list[str] | None = None, log: Callable = print) -> Path:
+def convert_fp16(bundle_dir: str | Path, keep_fp32: list[str] | None = None, log: Callable = print,
+                 images: str | Path | None = None) -> Path:
     """Write ``bundle_dir/model.fp16.onnx`` (float16 weights and activations, the sensitive parts in
     float32) and record it in ``model.json``; returns its path. ``keep_fp32``: node-name prefixes to keep
-    in float32 in addition to the fixed groups."""
+    in float32 in addition to the fixed groups. ``images``: the product's good training images; the
+    variant then gets its own threshold from the held-out ones (``choose_variant_threshold``), else it
+    judges with the one chosen at training."""
     import onnx
 
     bundle, _ = load_bundle(bundle_dir)
@@ -224,4 +228,9 @@ def convert_fp16(bundle_dir: str | Path, keep_fp32: list[str] | None = None, log
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {n_half} float16 initializers; kept in float32: "
         f"{describe_kept(groups, model)})")
     report_replaced(bundle, out, old_sha256, log)
+    if images is not None:
+        choose_variant_threshold(bundle.root, out.name, images, log=log)
+    elif bundle.meta.get("threshold"):
+        log(f"{out.name} judges with the threshold chosen at training ({bundle.threshold:.4f}); give --images "
+            "(the product's train/good) to choose its own from the held-out good images")
     return out

@@ -58,7 +58,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from memseg_edge.bundle import INPUT_NAME, load_bundle, sha256_file
+
 from memseg_edge.preprocess import IMAGE_SUFFIXES, list_images, load_rgb, prepare
+
+from .threshold import choose_variant_threshold
 
 METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_METHOD = "entropy"
@@ -268,17 +271,20 @@ def hash_images(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def select_images(images: str | Path, num: int, seed: int = 0, log: Callable = print) -> list[Path]:
-    """A seeded random subset of ``num`` images of a folder (all of them, with a warning, if fewer)."""
+def select_images(images: str | Path, num: int, seed: int = 0, log: Callable = print,
+                  exclude: Iterable[str] = ()) -> list[Path]:
+    """A seeded random subset of ``num`` images of a folder (all of them, with a warning, if fewer),
+    leaving out the file names in ``exclude`` (the held-out good images the threshold is chosen on)."""
     if num < 1:
         raise ValueError(f"the number of calibration images must be at least 1, found {num}")
     folder = Path(images)
     if not folder.is_dir():
         raise FileNotFoundError(f"calibration image folder {folder} does not exist")
-    paths = list_images(folder)
+    excluded = set(exclude)
+    paths = [p for p in list_images(folder) if p.name not in excluded]
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in calibration folder {folder}: give a "
-                         "folder of good images of the product")
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in calibration folder {folder}"
+                         f"{' but the held-out ones' if excluded else ''}: give a folder of good images of the product")
     if len(paths) < num:
         log(f"warning: {folder} has {len(paths)} images, fewer than the {num} asked for; calibrating with "
             f"all {len(paths)}")
@@ -496,7 +502,8 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
     bundle, _ = load_bundle(bundle_dir)
     fp32_path = bundle.verify("fp32")
     prefix = memory_prefix(bundle.meta)
-    paths = select_images(images, num, seed, log)
+    held_out = bundle.meta.get("holdout_images") or []
+    paths = select_images(images, num, seed, log, exclude=held_out)
 
     model = onnx.load(str(fp32_path))
     _name_nodes(model.graph)
@@ -522,7 +529,8 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
     }
     if method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
-    log(f"calibrating INT8 ({method}) on {len(paths)} images from {images}; kept in float: "
+    log(f"calibrating INT8 ({method}) on {len(paths)} images from {images}"
+        f"{f' (not the {len(held_out)} held out at training: they choose its threshold)' if held_out else ''}; kept in float: "
         f"{describe_kept(groups, model)}")
     reader = _reader(paths, bundle.image_size, progress)
     try:
@@ -553,4 +561,5 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
     n_conv = sum(1 for n in qmodel.graph.node if n.op_type in WEIGHTED_OPS and n.name not in kept)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {n_qdq} Q/DQ nodes, {n_conv} INT8 weighted ops)")
     report_replaced(bundle, out, old_sha256, log)
+    choose_variant_threshold(bundle.root, out.name, images, log=log)
     return out

@@ -12,7 +12,10 @@ it reads 0 % while the expected rate is 4.5 %.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -130,3 +133,69 @@ def describe_threshold(thr: dict) -> str:
             line += (f"; {thr['images_needed']} held-out good images would: add good images or raise "
                      f"data.holdout_fraction")
     return line
+
+
+def choose_variant_threshold(bundle_dir: str | Path, file_name: str, images: str | Path, *,
+                             batch_size: int = 8, log: Callable = print) -> dict | None:
+    """Give the precision variant ``file_name`` of a bundle its own threshold, by the training rule
+    (:func:`threshold_for_false_reject_rate`, same target), from the held-out good images the bundle
+    records (``model.json`` ``holdout_images``), found by name in the folder ``images`` and scored with
+    the variant. FP16 and INT8 move every score a little; the same rule on the same images keeps the
+    promise on new good parts (expected false-reject rate) for the variant that judges, where FP32's
+    threshold could sit among its good scores or high above its defect scores.
+
+    The images found are scored with ``model.onnx`` first and must give back the threshold training
+    chose (else they are not the images the model held out: another product's folder, files changed),
+    and then with the variant. Returns the record written to ``files[file_name]["threshold"]``, or None
+    (the variant keeps the bundle's threshold, with a warning saying why)."""
+    from memseg_edge.backends import OnnxRuntimeBackend
+    from .int8 import hash_images
+    from memseg_edge.bundle import load_bundle, map_gain
+    from memseg_edge.preprocess import load_rgb, prepare
+
+    bundle, _ = load_bundle(bundle_dir)
+    base, names = bundle.meta.get("threshold"), bundle.meta.get("holdout_images")
+    keep = f"{file_name} keeps the threshold chosen at training ({base['threshold']:.4f})" if base else ""
+    if not base:
+        log(f"{file_name}: the bundle records no threshold; pass --threshold T where it runs")
+        return None
+    if not names:
+        log(f"warning: {bundle.root / 'model.json'} does not list the held-out good images (exported before they "
+            f"were recorded): {keep}. Export the bundle again, then calibrate, to give {file_name} its own")
+        return None
+    folder = Path(images)
+    paths = [folder / n for n in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        log(f"warning: {len(missing)} of the {len(names)} held-out good images (e.g. {missing[0]}) are not in "
+            f"{folder}: {keep}. Give the product's train/good folder the model was trained from to give it its own")
+        return None
+
+    def scores(onnx_file: Path) -> np.ndarray:
+        backend = OnnxRuntimeBackend(onnx_file)
+        out = []
+        for i in range(0, len(paths), batch_size):
+            batch = np.stack([prepare(load_rgb(p), bundle.image_size) for p in paths[i:i + batch_size]])
+            out.append(np.asarray(backend.infer(batch)[1], dtype=np.float64))
+        return np.concatenate(out)
+
+    target = float(base["target_frr"]) if "target_frr" in base else None
+    if target is None:
+        log(f"warning: the training threshold records no target false-reject rate: {keep}")
+        return None
+    fp32 = threshold_for_false_reject_rate(scores(bundle.verify("fp32")), target, upper=1.0)
+    tolerance = 1e-3 * map_gain(bundle.meta)
+    if abs(fp32["threshold"] - float(base["threshold"])) > tolerance:
+        log(f"warning: the images named like the held-out ones in {folder} give a threshold of "
+            f"{fp32['threshold']:.4f} with model.onnx, not the {base['threshold']:.4f} chosen at training (limit "
+            f"{tolerance:.1e}): they are not the images the model held out. {keep}")
+        return None
+    own = threshold_for_false_reject_rate(scores(bundle.root / file_name), target, upper=1.0)
+    own["rule"] += f", scored with {file_name}"
+    own["holdout_sha256"] = hash_images(paths)
+    entry = bundle.meta["files"][file_name]
+    entry["threshold"] = own
+    (bundle.root / "model.json").write_text(json.dumps(bundle.meta, indent=2))
+    log(f"{file_name}: its own {describe_threshold(own)} (training's, in FP32: {base['threshold']:.4f})")
+    return own
+

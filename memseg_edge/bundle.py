@@ -50,7 +50,13 @@ class Bundle:
 
     @property
     def threshold(self) -> float | None:
+        """The threshold chosen at training (PyTorch, FP32): what ``model.onnx`` judges with."""
         t = self.meta.get("threshold")
+        return float(t["threshold"]) if t else None
+
+    def threshold_for(self, file_name: str) -> float | None:
+        """The threshold that judges with the ONNX file ``file_name`` (:func:`variant_threshold`)."""
+        t = variant_threshold(self.meta, file_name)
         return float(t["threshold"]) if t else None
 
     def problems(self) -> list[str]:
@@ -72,6 +78,14 @@ class Bundle:
                              "bundle, or pass --threshold T")
         if not isinstance(meta.get("files", {}), dict):
             found.append(f"files is {_show(meta.get('files'))}, expected an object of file name -> sha256")
+        else:
+            for name, entry in meta.get("files", {}).items():
+                own = entry.get("threshold") if isinstance(entry, dict) else None
+                value = own.get("threshold") if isinstance(own, dict) else own
+                if own is not None and (not isinstance(own, dict) or isinstance(value, bool)
+                                        or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                    found.append(f"files.{name}.threshold is {_show(own)}, expected an object with a finite "
+                                 f"\"threshold\": calibrate the variant again, or pass --threshold T")
         return found
 
     def onnx_path(self, precision: str = "fp32") -> Path:
@@ -102,6 +116,25 @@ class Bundle:
         """Record a new ONNX variant in ``model.json``."""
         self.meta.setdefault("files", {})[path.name] = {"sha256": sha256_file(path), "precision": precision, **extra}
         (self.root / "model.json").write_text(json.dumps(self.meta, indent=2))
+
+
+def variant_threshold(meta: dict, file_name: str | None) -> dict | None:
+    """The threshold record (``{"threshold": T, "rule": ..., ...}``) that judges with the ONNX file
+    ``file_name`` of a bundle described by ``meta``: the variant's own (``files[name]["threshold"]``, chosen
+    by ``calibrate`` from the held-out good images scored with that variant), else that of the variant it
+    was made from (``source``: the plugin variants), else the bundle's (chosen at training, FP32)."""
+    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    seen: set[str] = set()
+    name = file_name
+    while name and name not in seen:
+        seen.add(name)
+        entry = files.get(name)
+        if not isinstance(entry, dict):
+            break
+        if isinstance(entry.get("threshold"), dict):
+            return entry["threshold"]
+        name = entry.get("source")
+    return meta.get("threshold")
 
 
 def _positive_int(value: Any) -> bool:

@@ -289,11 +289,14 @@ def export(checkpoint, out_dir, opset, no_verify, plugin):
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Good images to calibrate INT8 on (never test images). Writes BUNDLE/model.int8.onnx.")
+              help="The product's good training images (its train/good; never test images). INT8 is calibrated on "
+                   "them (all but the held-out ones) into BUNDLE/model.int8.onnx; every variant made gets its own "
+                   "threshold from the held-out ones.")
 @click.option("--num", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images to use.")
 @click.option("--method", type=click.Choice(["entropy", "percentile", "minmax"]), default="entropy", show_default=True,
               help="How activation ranges are chosen from the calibration images.")
-@click.option("--fp16", "fp16", is_flag=True, help="Write BUNDLE/model.fp16.onnx (no images needed).")
+@click.option("--fp16", "fp16", is_flag=True,
+              help="Write BUNDLE/model.fp16.onnx (no images needed; with --images it gets its own threshold).")
 @click.option("--keep-fp32", multiple=True, help="Node-name prefix to keep in FP32 as well (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for picking calibration images.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -308,6 +311,12 @@ def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet, threads
     in FP16 with the same parts kept in FP32, the encoder included. Check each with `memseg-edge eval BUNDLE/<file>`.
     A variant made again replaces the previous one: the command says so, removes the plugin variants made
     from it, and engines built from it are refused by run and eval until rebuilt.
+
+    Thresholds: FP16 and INT8 move every score a little, so a variant's verdicts at the threshold chosen
+    in FP32 at training can reject more good parts or miss more defects. With --images, the held-out good
+    images the bundle lists (never trained on) are found there, checked to give back the training
+    threshold with model.onnx, scored with the variant, and the training rule (same target false-reject
+    rate) gives the variant its own threshold, which run, predict, eval and build-engine then use.
     """
     if not images and not fp16:
         raise click.UsageError("nothing to do: give --images DIR (INT8) and/or --fp16")
@@ -319,7 +328,7 @@ def calibrate(bundle, images, num, method, fp16, keep_fp32, seed, quiet, threads
             quantize_int8(bundle, images, num=num, method=method, keep_fp32=list(keep_fp32) or None, seed=seed,
                           progress=not quiet, log=click.echo)
         if fp16:
-            convert_fp16(bundle, keep_fp32=list(keep_fp32) or None, log=click.echo)
+            convert_fp16(bundle, keep_fp32=list(keep_fp32) or None, log=click.echo, images=images)
     except ImportError as exc:
         raise click.ClickException(f"calibration needs onnx and onnxruntime: pip install 'memseg-edge[onnx]' ({exc})")
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -423,7 +432,8 @@ def _bundle_for_engine(source: str, precision: str, images: str | None) -> Path:
             from .calibration.int8 import DEFAULT_NUM_IMAGES, hash_images, quantize_int8, select_images
 
             quiet = []
-            wanted = hash_images(select_images(images, DEFAULT_NUM_IMAGES, 0, log=quiet.append))
+            wanted = hash_images(select_images(images, DEFAULT_NUM_IMAGES, 0, log=quiet.append,
+                                               exclude=bundle.meta.get("holdout_images") or []))
             if entry is not None and entry.get("images_sha256") == wanted and (path / "model.int8.onnx").is_file():
                 click.echo(f"calibrate: {path / 'model.int8.onnx'} was calibrated on these images already")
             else:

@@ -527,7 +527,7 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
         "workspace_mb": workspace_mb,
         "bundle": str(bnd.root.resolve()), "onnx_file": onnx_path.name, "onnx_sha256": onnx_sha,
         "model_json_sha256": sha256_file(bnd.root / "model.json"),
-        "image_size": bnd.image_size, "threshold": bnd.threshold, "top_k": bnd.top_k,
+        "image_size": bnd.image_size, "threshold": bnd.threshold_for(onnx_path.name), "top_k": bnd.top_k,
         "plugins": plugins,
         "engine_file": out_path.name, "engine_bytes": int(serialized.nbytes), "engine_sha256": engine_sha,
         "warnings": logger.warnings[-20:],

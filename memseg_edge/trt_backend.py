@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .bundle import INPUT_NAME, MAP_NAME, SCORE_NAME, sha256_file
+from .bundle import INPUT_NAME, MAP_NAME, SCORE_NAME, sha256_file, variant_threshold
 from .engine import EngineCheckError, check_engine_here, import_flavour, load_engine_meta
 
 
@@ -74,7 +74,7 @@ def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> Engi
                 "threshold may not fit this engine. Rebuild the engine: memseg-edge build-engine "
                 f"{bundle_dir} --precision {meta.get('precision', 'fp32')}{' --plugin' if meta.get('plugins') else ''} "
                 f"--out {engine}")
-        thr = bmeta.get("threshold")
+        thr = variant_threshold(bmeta, meta.get("onnx_file"))   # the variant's own, else the bundle's
         image_size = bmeta.get("image_size", image_size)
         threshold = float(thr["threshold"]) if isinstance(thr, dict) and "threshold" in thr else threshold
         top_k = bmeta.get("top_k", top_k)

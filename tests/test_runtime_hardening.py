@@ -498,6 +498,56 @@ def test_a_valid_tiny_bundle_loads(tmp_path):
     assert model.image_size == 32 and model.threshold == 0.5
 
 
+def _with_variants(folder: Path, int8_threshold) -> Path:
+    """tiny_bundle plus an INT8 variant with its own threshold and a plugin variant made from it."""
+    import shutil
+
+    from memseg_edge.bundle import sha256_file
+
+    tiny_bundle(folder)
+    meta = json.loads((folder / "model.json").read_text())
+    for name in ("model.int8.onnx", "model.int8.plugin.onnx"):
+        shutil.copy(folder / "model.onnx", folder / name)
+        meta["files"][name] = {"sha256": sha256_file(folder / name), "precision": "int8"}
+    meta["files"]["model.int8.onnx"]["threshold"] = {"threshold": int8_threshold, "rule": "test, scored with INT8"}
+    meta["files"]["model.int8.plugin.onnx"]["source"] = "model.int8.onnx"
+    (folder / "model.json").write_text(json.dumps(meta, allow_nan=True))
+    return folder
+
+
+def test_each_variant_judges_with_its_own_threshold_and_a_plugin_variant_with_its_sources(tmp_path):
+    """A variant whose scores run lower (INT8) judged at the FP32 threshold misses defects: whatever loads
+    a variant (run, predict, eval) must take the threshold chosen for it."""
+    bundle = _with_variants(tmp_path / "b", 0.25)
+    assert load_model(bundle).threshold == 0.5                          # model.onnx: training's
+    assert load_model(bundle / "model.int8.onnx").threshold == 0.25
+    assert load_model(bundle / "model.int8.plugin.onnx").threshold == 0.25
+    from memseg_edge.predict import predict
+
+    part = tmp_path / "part.png"
+    cv2.imwrite(str(part), np.full((32, 32, 3), 100, np.uint8))          # score 100/255 = 0.39
+    verdicts = {name: predict(bundle / name, [part], tmp_path / f"out-{name}", threads=1)["predictions"][0]["verdict"]
+                for name in ("model.onnx", "model.int8.onnx")}
+    assert verdicts == {"model.onnx": "PASS", "model.int8.onnx": "FAIL"}
+    # an engine built from a variant judges with that variant's threshold (its sidecar names the ONNX file)
+    from memseg_edge.bundle import sha256_file
+    from memseg_edge.trt_backend import engine_model_info
+
+    for name, expected in (("model.int8.onnx", 0.25), ("model.int8.plugin.onnx", 0.25), ("model.onnx", 0.5)):
+        sidecar = {"bundle": str(bundle), "onnx_file": name, "onnx_sha256": sha256_file(bundle / name),
+                   "image_size": 32, "threshold": 0.5, "engine_sha256": "e" * 64, "max_batch": 1}
+        assert engine_model_info(tmp_path / "x.engine", sidecar).threshold == expected, name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), "0.25", None])
+def test_a_broken_variant_threshold_is_refused_before_ready(tmp_path, bad):
+    bundle = _with_variants(tmp_path / "b", bad)
+    r = CliRunner().invoke(main, ["run", "--model", str(bundle / "model.int8.onnx"), "--zmq", f"ipc://{tmp_path}/f",
+                                  "--results", f"ipc://{tmp_path}/r"])
+    assert r.exit_code == 1 and "ready" not in r.output, r.output
+    assert "files.model.int8.onnx.threshold" in r.output and "finite" in r.output, r.output
+
+
 # ------------------------------------------------------------------------------------------------
 # 10. smaller ones
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 
 from memseg_edge.backends import OnnxRuntimeBackend
 from memseg_edge.bundle import PRECISION_FILES
@@ -41,7 +40,7 @@ def main() -> None:
     for precision, path in variants.items():
         r = evaluate(path, data, progress=False, log=lambda *a: None)
         rows[precision] = {"image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "aupro": r["aupro"],
-                           "mb": path.stat().st_size / 1e6}
+                           "mb": path.stat().st_size / 1e6, "threshold": r.get("threshold")}
 
     backends = {p: OnnxRuntimeBackend(path, threads=args.threads) for p, path in variants.items()}
     size = next(iter(backends.values())).image_size
@@ -68,12 +67,16 @@ def main() -> None:
     base = rows.get("fp32")
     print(f"machine: {platform.machine()}, {__import__('os').cpu_count()} CPU cores, onnxruntime "
           f"{__import__('onnxruntime').__version__}, threads {args.threads or 'default'}, {args.rounds} rounds")
-    print("| variant | file | MB | image AUROC | pixel AUROC | AUPRO | batch-1 latency ms (median) | batch-8 images/s (median) | latency vs FP32 |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| variant | file | MB | image AUROC | pixel AUROC | AUPRO | threshold (own?) | false rejects | missed "
+          "| batch-1 latency ms (median) | batch-8 images/s (median) | latency vs FP32 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for p, r in rows.items():
         ratio = r["latency_ms_b1"] / base["latency_ms_b1"] if base else float("nan")
+        t = r["threshold"] or {}
+        at = (f"{t['value']:.4f} ({'own' if 'scored with' in t['rule'] else 'training'}) | "
+              f"{100 * t['false_reject_rate']:.1f} % | {100 * t['miss_rate']:.1f} %") if t else "- | - | -"
         print(f"| {p.upper()} | {variants[p].name} | {r['mb']:.1f} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | "
-              f"{r['aupro']:.4f} | {r['latency_ms_b1']:.1f} | {r['images_per_s_b8']:.1f} | {ratio:.2f} |")
+              f"{r['aupro']:.4f} | {at} | {r['latency_ms_b1']:.1f} | {r['images_per_s_b8']:.1f} | {ratio:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from memseg_edge.bundle import variant_threshold
 from memseg_edge.scoring import image_scores
 
 from . import metrics
@@ -44,7 +45,8 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
         from memseg_edge.backends import OnnxRuntimeBackend
 
         backend = OnnxRuntimeBackend(path)
-        meta = {k: backend.bundle.meta.get(k) for k in ("image_size", "top_k", "threshold", "backbone_weights")}
+        meta = {k: backend.bundle.meta.get(k) for k in ("image_size", "top_k", "backbone_weights")}
+        meta["threshold"] = variant_threshold(backend.bundle.meta, backend.onnx_path.name)
         meta["kind"] = f"onnx ({backend.onnx_path.name}, onnxruntime)"
         return (lambda images: backend.infer(images)[0][:, 0]), meta
     if path.suffix == ".engine":
@@ -52,7 +54,8 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
 
         backend = TensorRTBackend(path, log=lambda *a: None)   # checks the sidecar against this GPU first
         info = backend.info
-        meta = {"image_size": info.image_size, "top_k": info.top_k, "threshold": info.bundle_meta.get("threshold"),
+        meta = {"image_size": info.image_size, "top_k": info.top_k, "threshold": variant_threshold(info.bundle_meta, backend.meta.get("onnx_file")) or (
+                    None if info.threshold is None else {"threshold": info.threshold, "rule": f"from {info.source}"}),
                 "backbone_weights": info.bundle_meta.get("backbone_weights"),
                 "kind": f"engine ({path.name}, {backend.name})"}
         return (lambda images: backend.infer(images)[0][:, 0]), meta

@@ -142,6 +142,9 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFA
         "memory_subgraph": memory,
         "threshold": ckpt["threshold"],
         "training_list_sha256": ckpt["data"]["training_list_sha256"],
+        # the good training images the threshold was chosen on: `calibrate` scores them again with each
+        # precision variant and gives the variant its own threshold by the same rule
+        "holdout_images": list(ckpt["data"].get("holdout_images", [])),
         "category": ckpt["data"].get("category", ""),
         "opset": opset,
         "precision": "fp32",
