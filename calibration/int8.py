@@ -293,7 +293,7 @@ def select_images(images: str | Path, num: int, seed: int = 0, log: Callable = p
     return [paths[i] for i in sorted(pick)]
 
 
-def _reader(paths: list[Path], size: int, progress: bool):
+def _reader(paths: list[Path], size: int, progress: bool, fit: str = "stretch"):
     from onnxruntime.quantization import CalibrationDataReader
     from tqdm import tqdm
 
@@ -314,7 +314,7 @@ def _reader(paths: list[Path], size: int, progress: bool):
         def get_next(self):
             if self.start >= self.end:
                 return None
-            image = prepare(load_rgb(paths[self.start]), size)[None]
+            image = prepare(load_rgb(paths[self.start]), size, fit)[None]
             self.start += 1
             self.bar.update(1)
             return {INPUT_NAME: image}
@@ -532,7 +532,7 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
     log(f"calibrating INT8 ({method}) on {len(paths)} images from {images}"
         f"{f' (not the {len(held_out)} held out at training: they choose its threshold)' if held_out else ''}; kept in float: "
         f"{describe_kept(groups, model)}")
-    reader = _reader(paths, bundle.image_size, progress)
+    reader = _reader(paths, bundle.image_size, progress, bundle.fit)
     try:
         with _quiet_onnxruntime_quantization():
             quantize_static(

@@ -175,7 +175,7 @@ def choose_variant_threshold(bundle_dir: str | Path, file_name: str, images: str
         backend = OnnxRuntimeBackend(onnx_file)
         out = []
         for i in range(0, len(paths), batch_size):
-            batch = np.stack([prepare(load_rgb(p), bundle.image_size) for p in paths[i:i + batch_size]])
+            batch = np.stack([prepare(load_rgb(p), bundle.image_size, bundle.fit) for p in paths[i:i + batch_size]])
             out.append(np.asarray(backend.infer(batch)[1], dtype=np.float64))
         return np.concatenate(out)
 
@@ -196,6 +196,8 @@ def choose_variant_threshold(bundle_dir: str | Path, file_name: str, images: str
     entry = bundle.meta["files"][file_name]
     entry["threshold"] = own
     (bundle.root / "model.json").write_text(json.dumps(bundle.meta, indent=2))
-    log(f"{file_name}: its own {describe_threshold(own)} (training's, in FP32: {base['threshold']:.4f})")
+    log(f"{file_name}: its own threshold {own['threshold']:.4f} (training's, in FP32: {base['threshold']:.4f}), by the "
+        f"training rule on the {own['n_good']} held-out good images scored with it")
+    log(describe_threshold(own))
     return own
 

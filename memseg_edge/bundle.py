@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .preprocess import FITS
+
 BUNDLE_FORMAT_VERSION = 1
 INPUT_NAME = "image"
 MAP_NAME = "anomaly_map"
@@ -49,6 +51,12 @@ class Bundle:
         return int(self.meta["top_k"])
 
     @property
+    def fit(self) -> str:
+        """How images become the model's square (``memseg_edge.preprocess.FITS``; bundles made before it
+        was recorded were stretched)."""
+        return str(self.meta.get("resize", "stretch"))
+
+    @property
     def threshold(self) -> float | None:
         """The threshold chosen at training (PyTorch, FP32): what ``model.onnx`` judges with."""
         t = self.meta.get("threshold")
@@ -65,6 +73,9 @@ class Bundle:
         size = meta.get("image_size")
         if not _positive_int(size):
             found.append(f"image_size is {_show(size)}, expected a positive integer (pixels)")
+        if meta.get("resize", "stretch") not in FITS:
+            found.append(f"resize is {_show(meta.get('resize'))}, expected one of {', '.join(FITS)} (how images become "
+                         "the model's square): export the bundle again with this version")
         if "top_k" in meta and not _positive_int(meta["top_k"]):
             found.append(f"top_k is {_show(meta['top_k'])}, expected a positive integer")
         thr = meta.get("threshold")

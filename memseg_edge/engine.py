@@ -527,7 +527,8 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
         "workspace_mb": workspace_mb,
         "bundle": str(bnd.root.resolve()), "onnx_file": onnx_path.name, "onnx_sha256": onnx_sha,
         "model_json_sha256": sha256_file(bnd.root / "model.json"),
-        "image_size": bnd.image_size, "threshold": bnd.threshold_for(onnx_path.name), "top_k": bnd.top_k,
+        "image_size": bnd.image_size, "resize": bnd.fit, "threshold": bnd.threshold_for(onnx_path.name),
+        "top_k": bnd.top_k,
         "plugins": plugins,
         "engine_file": out_path.name, "engine_bytes": int(serialized.nbytes), "engine_sha256": engine_sha,
         "warnings": logger.warnings[-20:],
@@ -550,7 +551,7 @@ def build_engine(bundle: str | Path, out: str | Path | None = None, precision: s
 COMPARE_IMAGES = 4
 
 
-def _comparison_batch(images: str | Path | None, size: int, n: int):
+def _comparison_batch(images: str | Path | None, size: int, n: int, fit: str = "stretch"):
     """``n`` RGB uint8 images ``[n, size, size, 3]`` from folder ``images`` (the first by name), else seeded
     random ones; and a description of where they came from."""
     import numpy as np
@@ -560,7 +561,7 @@ def _comparison_batch(images: str | Path | None, size: int, n: int):
     if images is not None:
         paths = list_images(images)[:n]
         if paths:
-            return np.stack([prepare(load_rgb(p), size) for p in paths]), f"{len(paths)} images from {images}"
+            return np.stack([prepare(load_rgb(p), size, fit) for p in paths]), f"{len(paths)} images from {images}"
     rng = np.random.default_rng(0)
     return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), f"{n} random images (seed 0)"
 
@@ -601,7 +602,7 @@ def compare_with_onnx(engine_path: str | Path, images: str | Path | None = None,
         return record
     try:
         reference = OnnxRuntimeBackend(onnx_path, threads=configured() or default_threads())
-        batch, source = _comparison_batch(images, trt_backend.image_size, n)
+        batch, source = _comparison_batch(images, trt_backend.image_size, n, trt_backend.info.fit)
         map_e, score_e = trt_backend.infer(batch)
         map_o, score_o = reference.infer(batch)
     finally:

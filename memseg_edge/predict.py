@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from .overlay import OVERLAY_SUFFIX, make_overlay
-from .preprocess import IMAGE_SUFFIXES, load_rgb, prepare
+from .preprocess import IMAGE_SUFFIXES, load_rgb, over_image, prepare
 from .scoring import verdict as decide
 
 OVERLAY_MIN_SIDE = 512
@@ -122,13 +122,15 @@ def predict(model: str | Path, inputs: Iterable[str | Path], out_dir: str | Path
         if frames:
             order = sorted(frames)
             try:
-                maps, scores = loaded.backend.infer(np.stack([prepare(frames[i], loaded.image_size) for i in order]))
+                maps, scores = loaded.backend.infer(np.stack([prepare(frames[i], loaded.image_size, loaded.fit)
+                                                              for i in order]))
             except Exception as exc:   # one bad batch is reported per image, the rest still runs
                 for i in order:
                     rows[i] = Prediction(str(found[i][0]), None, "ERROR", thr, None, f"{type(exc).__name__}: {exc}")
             else:
                 for k, i in enumerate(order):
-                    rows[i] = _judged(found[i][0], frames[i], maps[k, 0], float(scores[k]), thr, out / names[i])
+                    amap = over_image(maps[k, 0], *frames[i].shape[:2], loaded.fit)
+                    rows[i] = _judged(found[i][0], frames[i], amap, float(scores[k]), thr, out / names[i])
         for i in chunk:
             results.append(rows[i])
             if on_result is not None:

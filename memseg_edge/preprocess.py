@@ -42,29 +42,94 @@ def to_rgb(image: np.ndarray, order: str = "rgb") -> np.ndarray:
     raise ValueError(f"expected an image [H, W], [H, W, 3] or [H, W, 4], found shape {image.shape}")
 
 
-def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 ``[H, W, 3]`` -> ``[size, size, 3]``. Area interpolation when shrinking (no aliasing),
-    bilinear when enlarging; the whole image is kept (no crop), so border defects stay visible."""
+FITS = ("stretch", "pad")
+"""How an image becomes the model's square: ``stretch`` (each side resized to the square's, the aspect
+ratio lost) or ``pad`` (resized keeping its aspect ratio until the longer side fits, then mirrored
+outwards from its edges to a square, the image centred: every product is seen at one scale whatever
+its shape). A square image is the same either way."""
+
+
+def content_box(h: int, w: int, size: int, fit: str = "stretch") -> tuple[int, int, int, int]:
+    """Where an ``h x w`` image lies in the model's ``size x size`` square: ``(top, left, height, width)``."""
+    _check_fit(fit)
+    if fit == "stretch" or h == w:
+        return 0, 0, size, size
+    scale = size / max(h, w)
+    ch, cw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    return (size - ch) // 2, (size - cw) // 2, ch, cw
+
+
+def _check_fit(fit: str) -> None:
+    if fit not in FITS:
+        raise ValueError(f"resize must be one of {', '.join(FITS)}, found {fit!r}")
+
+
+def _resize(image: np.ndarray, height: int, width: int, interp_up: int) -> np.ndarray:
     h, w = image.shape[:2]
-    if (h, w) == (size, size):
+    if (h, w) == (height, width):
         return np.ascontiguousarray(image)
-    interp = cv2.INTER_AREA if size < min(h, w) else cv2.INTER_LINEAR
-    return cv2.resize(image, (size, size), interpolation=interp)
+    shrinking = height < h and width < w
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else interp_up)
 
 
-def prepare(image: np.ndarray, size: int) -> np.ndarray:
+def _to_square(image: np.ndarray, size: int, fit: str, interp_up: int) -> np.ndarray:
+    top, left, ch, cw = content_box(*image.shape[:2], size, fit)
+    inner = _resize(image, ch, cw, interp_up)
+    if (ch, cw) == (size, size):
+        return inner
+    widths = [(top, size - ch - top), (left, size - cw - left)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(inner, widths, mode="symmetric")   # mirrored about the edges; repeats if wider
+
+
+def resize_rgb(image: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]`` -> ``[size, size, 3]`` (``fit``: :data:`FITS`). Area interpolation when
+    shrinking (no aliasing), bilinear when enlarging; the whole image is kept (no crop), so border
+    defects stay visible."""
+    return _to_square(image, size, fit, cv2.INTER_LINEAR)
+
+
+def prepare(image: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray:
     """The host-side step before the model: RGB uint8 of any size -> ``[size, size, 3]`` uint8."""
-    return resize_rgb(to_rgb(image), size)
+    return resize_rgb(to_rgb(image), size, fit)
 
 
-def load_mask(path: str | Path | None, size: int) -> np.ndarray:
+def square_mask(mask: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray:
+    """A bool mask at an image's own resolution -> bool ``[size, size]``, placed as :func:`prepare`
+    places the image (nearest neighbour; with ``pad``, mirrored as the image is)."""
+    h, w = mask.shape
+    top, left, ch, cw = content_box(h, w, size, fit)
+    inner = cv2.resize(mask.astype(np.uint8), (cw, ch), interpolation=cv2.INTER_NEAREST)
+    if (ch, cw) != (size, size):
+        inner = np.pad(inner, [(top, size - ch - top), (left, size - cw - left)], mode="symmetric")
+    return inner > 0
+
+
+def from_square(amap: np.ndarray, h: int, w: int, fit: str = "stretch") -> np.ndarray:
+    """A float map at the model's square ``[size, size]`` -> ``[h, w]`` over the original image: the
+    image's part of the square (``content_box``), resized bilinearly."""
+    size = amap.shape[-1]
+    top, left, ch, cw = content_box(h, w, size, fit)
+    inner = amap[top:top + ch, left:left + cw]
+    if inner.shape == (h, w):
+        return np.ascontiguousarray(inner)
+    return cv2.resize(np.ascontiguousarray(inner, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def over_image(amap: np.ndarray, h: int, w: int, fit: str = "stretch") -> np.ndarray:
+    """The part of a map at the model's square that lies over an ``h x w`` image (a copy; the whole map
+    unless ``fit`` is ``pad``): what an overlay stretches over the frame."""
+    top, left, ch, cw = content_box(h, w, amap.shape[-1], fit)
+    return np.array(amap[top:top + ch, left:left + cw], copy=True)
+
+
+def load_mask(path: str | Path | None, size: int, fit: str = "stretch") -> np.ndarray:
     """Ground-truth mask file -> bool ``[size, size]`` (nearest neighbour); ``None`` -> all False."""
     if path is None:
         return np.zeros((size, size), dtype=bool)
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ValueError(f"cannot read mask {path}")
-    return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST) > 127
+    return square_mask(mask > 127, size, fit)
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -30,7 +30,7 @@ class Decoder:
         self.keep_rgb = keep_rgb
 
     def run(self) -> None:
-        size = self.line.model.image_size
+        size, fit = self.line.model.image_size, self.line.model.fit
         while True:
             job = self.line.ingest.get()
             if job is None:
@@ -43,7 +43,7 @@ class Decoder:
                 else:
                     rgb = to_rgb(job.image, "bgr")
                 t1 = time.perf_counter()
-                job.prepared = prepare(rgb, size)
+                job.prepared = prepare(rgb, size, fit)
                 t2 = time.perf_counter()
             except fr.BadFrame as bad:
                 self.line.fail(job, bad.kind, str(bad))

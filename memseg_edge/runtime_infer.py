@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .preprocess import over_image
 from .runtime_pipeline import STOP, Job, Pipeline
 
 INFERENCE_FAILED = "inference failed"
@@ -66,5 +67,5 @@ class Inference:
                 self.line.fail(job, SCORE_NOT_FINITE, f"the model returned a score of {job.score} for this frame")
                 continue
             if job.rgb is not None and (job.score >= self.line.threshold or self.keep_pass_maps):
-                job.amap = np.array(amap[i, 0], copy=True)
+                job.amap = over_image(amap[i, 0], *job.rgb.shape[:2], self.line.model.fit)   # the part over the frame
             self.line.results.put(job)

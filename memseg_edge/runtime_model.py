@@ -18,6 +18,7 @@ class LoadedModel:
     model_id: str                # sha256 of the file that judges (prefix goes into every verdict)
     max_batch: int | None        # None: any batch
     precision: str = "fp32"      # fp32 | fp16 | int8 (the variant that judges)
+    fit: str = "stretch"         # how a frame becomes the model's square (memseg_edge.preprocess.FITS)
 
     def describe(self) -> str:
         return f"{self.path} ({self.kind}, {self.image_size}x{self.image_size}, model {self.model_id[:12]})"
@@ -32,7 +33,7 @@ def load_model(path: str | Path, *, threads: int | None = None, log: Callable[[s
         backend = TensorRTBackend(path, log=log)
         info = backend.info
         return LoadedModel(backend, backend.name, path, info.image_size, info.threshold, info.engine_sha256,
-                           backend.max_batch, str(backend.meta.get("precision", "fp32")))
+                           backend.max_batch, str(backend.meta.get("precision", "fp32")), info.fit)
     if path.is_dir() or path.suffix == ".onnx":
         from .backends import OnnxRuntimeBackend
         from .bundle import sha256_file
@@ -42,6 +43,6 @@ def load_model(path: str | Path, *, threads: int | None = None, log: Callable[[s
         sha = entry.get("sha256") or sha256_file(backend.onnx_path)
         return LoadedModel(backend, "onnxruntime", backend.onnx_path, backend.image_size,
                            backend.bundle.threshold_for(backend.onnx_path.name),
-                           sha, None, str(entry.get("precision", "fp32")))
+                           sha, None, str(entry.get("precision", "fp32")), backend.bundle.fit)
     raise ConfigError(f"--model {path}: expected a bundle folder (model.json + model.onnx), one of its .onnx files, "
                       "or a TensorRT .engine file built by `memseg-edge build-engine`")

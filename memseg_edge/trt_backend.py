@@ -41,6 +41,7 @@ class EngineModelInfo:
     engine_sha256: str
     source: str
     bundle_meta: dict = field(default_factory=dict, compare=False)   # model.json, {} when the bundle is gone
+    fit: str = "stretch"                                              # memseg_edge.preprocess.FITS
 
 
 def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> EngineModelInfo:
@@ -50,6 +51,7 @@ def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> Engi
     engine = Path(engine_path)
     meta = meta if meta is not None else load_engine_meta(engine)
     image_size, threshold, top_k = meta.get("image_size"), meta.get("threshold"), meta.get("top_k")
+    fit = meta.get("resize", "stretch")
     source = f"{engine.name}.json"
     bmeta: dict = {}
     bundle_dir = meta.get("bundle")
@@ -78,6 +80,7 @@ def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> Engi
         image_size = bmeta.get("image_size", image_size)
         threshold = float(thr["threshold"]) if isinstance(thr, dict) and "threshold" in thr else threshold
         top_k = bmeta.get("top_k", top_k)
+        fit = bmeta.get("resize", fit)
         source = str(model_json)
     if image_size is None:
         raise EngineCheckError(f"neither {engine}'s sidecar nor its bundle records the image size: rebuild the engine "
@@ -85,7 +88,16 @@ def engine_model_info(engine_path: str | Path, meta: dict | None = None) -> Engi
     return EngineModelInfo(int(image_size), None if threshold is None else float(threshold),
                            None if top_k is None else int(top_k), int(meta.get("max_batch") or 1),
                            str(meta.get("flavour")), str(meta.get("engine_sha256") or sha256_file(engine)), source,
-                           bmeta)
+                           bmeta, _checked_fit(fit, source))
+
+
+def _checked_fit(fit: Any, source: str) -> str:
+    from .preprocess import FITS
+
+    if fit not in FITS:
+        raise EngineCheckError(f"{source} gives resize {fit!r}, not one of {', '.join(FITS)}: rebuild the engine with "
+                               "this version")
+    return str(fit)
 
 
 def _needs_plugin(meta: dict) -> bool:

@@ -292,7 +292,7 @@ def test_int8_gets_its_own_threshold_from_the_held_out_good_images_by_the_traini
     assert "scored with model.int8.onnx" in own["rule"]
     # the promise holds for the variant that judges: no held-out good image of INT8 at or above it
     assert int((scores >= own["threshold"]).sum()) == round(own["achieved_frr"] * 21) == 0
-    assert any("model.int8.onnx: its own decision threshold" in line for line in variants["log"])
+    assert any("model.int8.onnx: its own threshold" in line for line in variants["log"])
 
     assert bundle.threshold == base["threshold"]                       # model.onnx: training's
     assert bundle.threshold_for("model.onnx") == base["threshold"]
@@ -318,7 +318,7 @@ def test_calibrate_with_images_gives_fp16_its_own_threshold_and_eval_judges_with
         scores, _ = _held_out_scores(bundle_dir, name, variants["good"])
         expected = threshold_for_false_reject_rate(scores, meta["threshold"]["target_frr"], upper=1.0)
         assert meta["files"][name]["threshold"]["threshold"] == pytest.approx(expected["threshold"], abs=1e-9)
-        assert f"{name}: its own decision threshold" in result.output
+        assert f"{name}: its own threshold" in result.output
 
     data = variants["good"].parents[2]
     out = tmp_path / "eval.json"

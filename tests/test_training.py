@@ -387,3 +387,56 @@ def test_a_run_started_without_distance_fusion_resumes_with_it(product_root, tmp
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume differs: {k}")
     assert not torch.equal(b["fusion_norm"], torch.ones(3))
+
+
+def test_a_model_trained_keeping_the_aspect_ratio_is_run_the_same_way_everywhere(product_root, tmp_path):
+    """``data.resize: pad``: the checkpoint, the bundle and every runtime prepare a frame the same way. An
+    edge that stretched a frame the model saw padded would judge a picture it was never trained on, with
+    nothing to show for it: so the bundle carries it and eval, predict and run follow it."""
+    import cv2
+
+    from memseg_edge.backends import OnnxRuntimeBackend
+    from memseg_edge.preprocess import load_rgb, prepare
+    from memseg_edge.predict import predict
+    from memseg_edge.runtime_model import load_model as load_edge_model
+    from memseg_edge.scoring import image_scores
+    from memseg_edge.train.evaluate import evaluate
+    from memseg_edge.train.export import export_bundle
+
+    for path in sorted(product_root.rglob("*.png")):    # tall parts: 64 x 40
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(path), image[:, 12:52])
+    cfg = tiny_config(product_root, iterations=2, **{"data.resize": "pad"})
+    ckpt = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
+    assert read_checkpoint(ckpt)["config"]["data"]["resize"] == "pad"
+    bundle = export_bundle(ckpt, tmp_path / "bundle", log=lambda *a: None)
+    assert json.loads((bundle / "model.json").read_text())["resize"] == "pad"
+    loaded = load_edge_model(bundle, threads=1)
+    assert loaded.fit == "pad"
+
+    part = product_root / "widget" / "test" / "scratch" / "000.png"
+    rgb = load_rgb(part)
+    assert rgb.shape[:2] == (64, 40)
+    padded, stretched = prepare(rgb, 64, "pad")[None], prepare(rgb, 64, "stretch")[None]
+    model, _ = load_model(ckpt)
+    torch_score = float(image_scores(predict_maps(model, padded, "cpu"), cfg.eval.top_k)[0])
+    onnx_score = float(OnnxRuntimeBackend(bundle).infer(padded)[1][0])
+    report = predict(bundle, [part], tmp_path / "predicted", threads=1)
+    assert report["predictions"][0]["score"] == pytest.approx(onnx_score, abs=1e-6)
+    assert onnx_score == pytest.approx(torch_score, abs=1e-4)
+    assert abs(float(OnnxRuntimeBackend(bundle).infer(stretched)[1][0]) - onnx_score) > 1e-4   # it matters
+    overlay = cv2.imread(str(next((tmp_path / "predicted").glob("*.jpg"))))
+    assert overlay.shape[0] / overlay.shape[1] == pytest.approx(64 / 40, rel=0.01)   # the part's shape
+
+    data = DataConfig(root=str(product_root), category="widget")
+    a = evaluate(ckpt, data, progress=False, log=lambda *x: None)
+    b = evaluate(bundle, data, progress=False, log=lambda *x: None)
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert b[key] == pytest.approx(a[key], abs=1e-4), key
+
+    with pytest.raises(ValueError, match="data.resize"):
+        train(tiny_config(product_root, iterations=4), tmp_path / "run", resume=ckpt,
+              progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="stretch, pad"):
+        train(tiny_config(product_root, **{"data.resize": "crop"}), tmp_path / "bad", progress=False,
+              log=lambda *a: None)

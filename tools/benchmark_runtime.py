@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     if not files:
         print(f"no images in {args.images}", file=sys.stderr)
         return 1
-    images = [prepare(load_rgb(p), model.image_size) for p in files]
+    images = [prepare(load_rgb(p), model.image_size, model.fit) for p in files]
     images = [images[i % len(images)] for i in range(max(args.frames, 1))]
     with tempfile.TemporaryDirectory(prefix="memseg-bench-") as tmp:
         overhead(model, images, args.repeats, Path(tmp))

@@ -73,9 +73,10 @@ def main(runs, data, category, textures, calibration, seed, json_path):
         ds = discover(DataConfig(root=str(data), category=category, image_size=size))
         split = run_split(cfg, ds.train_good)
         pick = fusion_calibration_images(split.train, cfg.train.seed, calibration)
-        p_cal, d_cal = maps_and_distances(model, load_images(pick, size))
+        p_cal, d_cal = maps_and_distances(model, load_images(pick, size, cfg.data.resize))
         q_p, q_d = float(np.percentile(p_cal, 99)), float(np.percentile(d_cal, 99))
-        probe = make_probe_set(load_images(split.holdout, size), cfg.synthesis.foreground, tex, kinds, seed)
+        probe = make_probe_set(load_images(split.holdout, size, cfg.data.resize), cfg.synthesis.foreground, tex,
+                               kinds, seed)
         p, d = maps_and_distances(model, probe.images)
         top_k = int(ckpt["top_k"])
         fused = 0.5 * (p / max(q_p, 1e-12) + d / max(q_d, 1e-12))

@@ -81,7 +81,8 @@ def main(run, bundle, extra, data, category, textures, seed, threads, json_path)
     ds = discover(DataConfig(root=str(data), category=category, image_size=b.image_size))
     split = run_split(cfg, ds.train_good)
     kinds = probe_kinds(textures)
-    probe = make_probe_set(load_images(split.holdout, b.image_size), cfg.synthesis.foreground,
+    probe = make_probe_set(load_images(split.holdout, b.image_size, b.meta.get("resize", "stretch")),
+                           cfg.synthesis.foreground,
                            list_textures(textures) if textures else [], kinds, seed)
     print(f"probe: {len(split.holdout)} held-out good images + {len(probe.kinds) - len(split.holdout)} probe "
           f"defects ({', '.join(kinds)}); test images are not read", flush=True)

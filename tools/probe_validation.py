@@ -54,25 +54,31 @@ def main(runs, data, category, textures, sigmas, seed, json_path, preview):
     sig = [float(s) for s in sigmas.split(",") if s.strip()]
     kinds = probe_kinds(textures)
     tex = list_textures(textures) if textures else []
-    results, split_key, probe = {}, None, None
+    results, names_key, probes = {}, None, {}
     for run in runs:
         ckpt_path = run / "checkpoint.pt" if run.is_dir() else run
         model, ckpt = load_model(ckpt_path)
         cfg = MemSegConfig.from_dict(ckpt["config"])
         ds = discover(DataConfig(root=str(data), category=category, image_size=ckpt["image_size"]))
         split = run_split(cfg, ds.train_good)
-        key = (tuple(p.name for p in split.holdout), ckpt["image_size"])
-        if split_key is None:
-            split_key = key
-            probe = make_probe_set(load_images(split.holdout, ckpt["image_size"]), cfg.synthesis.foreground,
-                                   tex, kinds, seed)
-            print(f"probe: {len(split.holdout)} held-out good images + {len(probe.kinds) - len(split.holdout)} "
-                  f"probe defects ({', '.join(kinds)}); test images are not read", flush=True)
-            if preview:
-                _preview(probe, preview)
-        elif key != split_key:
+        names = tuple(p.name for p in split.holdout)
+        if names_key is None:
+            names_key = names
+        elif names != names_key:
             raise click.ClickException(f"{run}: its held-out images differ from {runs[0]}'s; compare runs that "
                                        "share seed, memory size and hold-out fraction")
+        # one probe per way of preparing the images (size, data.resize): the same held-out images, the
+        # same seeded defect recipe
+        key = (ckpt["image_size"], cfg.data.resize)
+        if key not in probes:
+            probes[key] = make_probe_set(load_images(split.holdout, *key), cfg.synthesis.foreground, tex, kinds, seed)
+            print(f"probe ({key[0]} px, {key[1]}): {len(split.holdout)} held-out good images + "
+                  f"{len(probes[key].kinds) - len(split.holdout)} probe defects ({', '.join(kinds)}); test images "
+                  "are not read", flush=True)
+            if preview:
+                _preview(probes[key], preview.with_name(f"{preview.stem}-{key[1]}{preview.suffix}")
+                         if len(probes) > 1 else preview)
+        probe = probes[key]
         res = run_probe(lambda x: predict_maps(model, x, "cpu"), probe, int(ckpt["top_k"]), sig)
         results[str(run)] = res
         for name, r in res.items():

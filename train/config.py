@@ -30,6 +30,10 @@ class DataConfig:
     image_size: int = 256
     """Square side the model works at (the paper: 256). Images are resized, not cropped, so a defect
     at the border is never cut away."""
+    resize: str = "stretch"
+    """How an image becomes that square (``memseg_edge.preprocess.FITS``): ``stretch`` (each side to the
+    square's) or ``pad`` (aspect ratio kept, the longer side fitted, mirrored outwards to a square).
+    Recorded in the checkpoint and the bundle, and every runtime prepares images the same way."""
     holdout_fraction: float = 0.1
     """Share of the good training images held out (never trained on, never in the memory bank) to
     choose the decision threshold and to validate on synthetic anomalies."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from memseg_edge.preprocess import IMAGE_SUFFIXES, list_images, load_mask, load_rgb, prepare
+from memseg_edge.preprocess import IMAGE_SUFFIXES, list_images, load_mask, load_rgb, prepare, square_mask
 
 from .config import DataConfig
 
@@ -121,32 +121,36 @@ def hash_image_list(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load_images(paths: list[Path], size: int) -> np.ndarray:
+def load_images(paths: list[Path], size: int, fit: str = "stretch") -> np.ndarray:
     """Images -> RGB uint8 ``[N, size, size, 3]``, through the shared preprocessing."""
-    return np.stack([prepare(load_rgb(p), size) for p in paths]) if paths else np.zeros((0, size, size, 3), np.uint8)
+    if not paths:
+        return np.zeros((0, size, size, 3), np.uint8)
+    return np.stack([prepare(load_rgb(p), size, fit) for p in paths])
 
 
-def load_test(items: list[TestItem], size: int) -> tuple[np.ndarray, np.ndarray]:
+def load_test(items: list[TestItem], size: int, fit: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     """Test images ``[N, size, size, 3]`` uint8 and masks ``[N, size, size]`` bool."""
-    images = load_images([it.path for it in items], size)
-    masks = np.stack([load_mask(it.mask, size) for it in items]) if items else np.zeros((0, size, size), bool)
+    images = load_images([it.path for it in items], size, fit)
+    masks = np.stack([load_mask(it.mask, size, fit) for it in items]) if items else np.zeros((0, size, size), bool)
     return images, masks
 
 
-def load_test_full(items: list[TestItem], size: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def load_test_full(items: list[TestItem], size: int, fit: str = "stretch"
+                   ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Test images ``[N, size, size, 3]`` uint8, masks at the model's size ``[N, size, size]`` bool
-    (nearest neighbour), and masks at their own resolution (``N`` bool ``[H_i, W_i]``; all False at the
-    image's size for good images), which is where the field compares maps and masks."""
+    (nearest neighbour, placed as the image is), and masks at their own resolution (``N`` bool
+    ``[H_i, W_i]``; all False at the image's size for good images), which is where the field compares
+    maps and masks."""
     images, small, native = [], [], []
     for it in items:
         rgb = load_rgb(it.path)
-        images.append(prepare(rgb, size))
+        images.append(prepare(rgb, size, fit))
         if it.mask is None:
             full = np.zeros(rgb.shape[:2], bool)
         else:
             full = load_mask_native(it.mask)
         native.append(full)
-        small.append(cv2.resize(full.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0)
+        small.append(square_mask(full, size, fit))
     if not items:
         return np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), bool), []
     return np.stack(images), np.stack(small), native

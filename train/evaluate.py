@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from memseg_edge.bundle import variant_threshold
+from memseg_edge.preprocess import from_square
 from memseg_edge.scoring import image_scores
 
 from . import metrics
@@ -24,13 +25,10 @@ defects, unlike the trainer's synthetic ones (``trainer.SYNTHETIC_MISS_WARNING``
 in ten is already one a plant engineer must hear about (magnetic_tile's default model missed 49.5 %)."""
 
 
-def upsample_maps(maps: np.ndarray, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Maps ``[N, h, w]`` at the model's size -> ``N`` maps at each ``(H_i, W_i)`` (bilinear)."""
-    import cv2
-
-    return [m if m.shape == tuple(s) else cv2.resize(m.astype(np.float32), (int(s[1]), int(s[0])),
-                                                     interpolation=cv2.INTER_LINEAR)
-            for m, s in zip(maps, shapes)]
+def upsample_maps(maps: np.ndarray, shapes: list[tuple[int, int]], fit: str = "stretch") -> list[np.ndarray]:
+    """Maps ``[N, h, w]`` at the model's size -> ``N`` maps at each ``(H_i, W_i)``: the image's part of
+    the square (all of it unless ``fit`` is ``pad``), resized bilinearly."""
+    return [from_square(m, int(s[0]), int(s[1]), fit) for m, s in zip(maps, shapes)]
 
 
 def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callable[[np.ndarray], np.ndarray], dict]:
@@ -46,6 +44,7 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
 
         backend = OnnxRuntimeBackend(path)
         meta = {k: backend.bundle.meta.get(k) for k in ("image_size", "top_k", "backbone_weights")}
+        meta["resize"] = backend.bundle.meta.get("resize", "stretch")
         meta["threshold"] = variant_threshold(backend.bundle.meta, backend.onnx_path.name)
         meta["kind"] = f"onnx ({backend.onnx_path.name}, onnxruntime)"
         return (lambda images: backend.infer(images)[0][:, 0]), meta
@@ -57,6 +56,7 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
         meta = {"image_size": info.image_size, "top_k": info.top_k, "threshold": variant_threshold(info.bundle_meta, backend.meta.get("onnx_file")) or (
                     None if info.threshold is None else {"threshold": info.threshold, "rule": f"from {info.source}"}),
                 "backbone_weights": info.bundle_meta.get("backbone_weights"),
+                "resize": info.bundle_meta.get("resize", "stretch"),
                 "kind": f"engine ({path.name}, {backend.name})"}
         return (lambda images: backend.infer(images)[0][:, 0]), meta
     if path.suffix == ".pt" or (path.is_dir() and (path / "checkpoint.pt").is_file()):
@@ -65,6 +65,7 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> tuple[Callabl
 
         model, ckpt = load_model(path / "checkpoint.pt" if path.is_dir() else path, device)
         meta = {k: ckpt[k] for k in ("image_size", "top_k", "threshold", "backbone_weights")}
+        meta["resize"] = ckpt["config"]["data"].get("resize", "stretch")
         meta["kind"] = "checkpoint"
         return (lambda images: predict_maps(model, images, device)), meta
     raise ValueError(f"{path}: expected a checkpoint (.pt), a run folder holding checkpoint.pt, a bundle folder "
@@ -84,7 +85,8 @@ def evaluate(model_path: str | Path, data: DataConfig, *, json_path: str | Path 
     ds = discover(data)
     if not ds.has_test:
         raise FileNotFoundError(f"no test images under {data.root}: expected test/<defect>/ folders")
-    images, masks, native_masks = load_test_full(ds.test, size)
+    fit = meta.get("resize", "stretch")
+    images, masks, native_masks = load_test_full(ds.test, size, fit)
     t0 = time.perf_counter()
     maps = np.concatenate([predict(images[i:i + batch_size]) for i in
                            tqdm(range(0, len(images), batch_size), desc="eval", unit="batch", disable=not progress)])
@@ -94,7 +96,7 @@ def evaluate(model_path: str | Path, data: DataConfig, *, json_path: str | Path 
     labels = np.array([d != "good" for d in defects])
     # The field compares at the mask's resolution: each map upsampled (bilinear) to its mask's size. The
     # model-size figure (masks shrunk by nearest neighbour, as earlier versions reported) stays, labelled.
-    full_maps = upsample_maps(maps, [m.shape for m in native_masks])
+    full_maps = upsample_maps(maps, [m.shape for m in native_masks], fit)
     result = metrics.evaluate_maps(full_maps, native_masks, scores, labels, defects)
     result["pixel_resolution"] = "each mask's own resolution (anomaly map upsampled bilinearly)"
     at_size = metrics.evaluate_maps(maps, masks, scores, labels, defects)

@@ -126,6 +126,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFA
         "created_by": f"memseg-edge {__version__}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "image_size": size,
+        # how an image becomes the square (memseg_edge.preprocess.FITS): every runtime prepares frames so
+        "resize": cfg["data"].get("resize", "stretch"),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
                   "shape": ["batch", size, size, 3]},
         "outputs": {MAP_NAME: ["batch", 1, size, size], SCORE_NAME: ["batch"]},

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from memseg_edge.calibration.threshold import describe_threshold, threshold_for_false_reject_rate
+from memseg_edge.preprocess import FITS
 from memseg_edge.scoring import image_scores
 
 from . import metrics
@@ -125,6 +126,8 @@ def check_config(cfg: MemSegConfig) -> list[str]:
         raise ValueError(f"model.backbone {mc.backbone!r} is unknown: choose one of {sorted(ENCODERS)}")
     if mc.memory_selection not in SELECTIONS:
         raise ValueError(f"model.memory_selection must be one of {SELECTIONS}, found {mc.memory_selection!r}")
+    if dc.resize not in FITS:
+        raise ValueError(f"data.resize must be one of {', '.join(FITS)}, found {dc.resize!r}")
     if dc.image_size < 32 or dc.image_size % 32:
         raise ValueError(f"data.image_size must be a multiple of 32 (the encoder's stride), found {dc.image_size}")
     if not 0.0 <= dc.holdout_fraction < 1.0:
@@ -208,8 +211,9 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         # The fusion acts after the last iteration only, so a run may be resumed with it switched (a run
         # started before it existed, say).
         if (dataclasses.replace(saved.model, distance_fusion=cfg.model.distance_fusion) != cfg.model
-                or saved.data.image_size != cfg.data.image_size):
-            raise ValueError(f"{resume} was trained with a different model or image size; resume needs the same")
+                or saved.data.image_size != cfg.data.image_size or saved.data.resize != cfg.data.resize):
+            raise ValueError(f"{resume} was trained with a different model, image size or data.resize; resume needs "
+                             "the same")
         # Defaults change between releases (e.g. the Perlin scales): a resumed run must keep synthesising
         # the anomalies it started with. The texture folder may move between machines.
         changed = [f.name for f in dataclasses.fields(saved.synthesis) if f.name != "textures"
@@ -234,7 +238,7 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     for note in notes:
         log(note)
     size = cfg.data.image_size
-    train_images = load_images(split.train, size)
+    train_images = load_images(split.train, size, cfg.data.resize)
     if cfg.synthesis.foreground.method != "none":
         for line in foreground_report(foreground_shares(train_images, cfg.synthesis.foreground),
                                       [p.name for p in split.train]):
@@ -248,7 +252,7 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         if unexpected or set(missing) - {"fusion_norm"}:
             raise ValueError(f"{resume}: its weights do not fit the model (missing {missing}, unexpected {unexpected})")
     elif model.memory is not None:
-        model.memory.fill(model.memory_features(to_tensor(load_images(split.memory, size), device)))
+        model.memory.fill(model.memory_features(to_tensor(load_images(split.memory, size, cfg.data.resize), device)))
 
     synthesizer = AnomalySynthesizer(cfg.synthesis)
     log(f"anomaly sources: {synthesizer.sources}")
@@ -351,10 +355,10 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device, l
     size, tc = cfg.data.image_size, cfg.train
     if model.fuses:
         calibration = fusion_calibration_images(split.train, tc.seed)
-        q_p, q_d, c = model.calibrate_fusion(to_tensor(load_images(calibration, size), device), cfg.eval.top_k)
+        q_p, q_d, c = model.calibrate_fusion(to_tensor(load_images(calibration, size, cfg.data.resize), device), cfg.eval.top_k)
         log(f"distance fusion: q_p {q_p:.4g}, q_D {q_d:.4g} (99th percentile), c {c:.4g} (highest score), over "
             f"{len(calibration)} good training images")
-    holdout = load_images(split.holdout, size)
+    holdout = load_images(split.holdout, size, cfg.data.resize)
     if not len(holdout):
         return None, None
     good_scores = image_scores(predict_maps(model, holdout, device), cfg.eval.top_k)
