@@ -261,8 +261,9 @@ def run_cmd(model, zmq_endpoints, cameras, videos, images, results, reply, thres
         runtime = Runtime(config, loaded, log=_log, on_verdict=printer.offer if printer else None)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
-    _log(f"model {loaded.describe()}; threshold {runtime.threshold:.6g}"
-         f"{' (from --threshold)' if threshold is not None else ''}; batch up to {runtime.max_batch}, "
+    origin = " (from --threshold)" if threshold is not None else (f" ({loaded.threshold_rule})" if loaded.threshold_rule
+                                                                   else "")
+    _log(f"model {loaded.describe()}; threshold {runtime.threshold:.6g}{origin}; batch up to {runtime.max_batch}, "
          f"wait up to {max_wait_ms:g} ms; queue {queue_frames} frames")
     # the handlers go in before the sockets are bound, so a Ctrl-C just after "ready" is an orderly stop
     with _Signals(runtime.request_stop, "stopping: judging the frames in flight"):

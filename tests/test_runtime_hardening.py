@@ -522,6 +522,7 @@ def test_each_variant_judges_with_its_own_threshold_and_a_plugin_variant_with_it
     assert load_model(bundle).threshold == 0.5                          # model.onnx: training's
     assert load_model(bundle / "model.int8.onnx").threshold == 0.25
     assert load_model(bundle / "model.int8.plugin.onnx").threshold == 0.25
+    assert load_model(bundle / "model.int8.onnx").threshold_rule == "test, scored with INT8"   # logged by run
     from memseg_edge.predict import predict
 
     part = tmp_path / "part.png"
