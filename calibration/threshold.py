@@ -149,9 +149,10 @@ def choose_variant_threshold(bundle_dir: str | Path, file_name: str, images: str
     and then with the variant. Returns the record written to ``files[file_name]["threshold"]``, or None
     (the variant keeps the bundle's threshold, with a warning saying why)."""
     from memseg_edge.backends import OnnxRuntimeBackend
-    from .int8 import hash_images
     from memseg_edge.bundle import load_bundle, map_gain
     from memseg_edge.preprocess import load_rgb, prepare
+
+    from .int8 import hash_images
 
     bundle, _ = load_bundle(bundle_dir)
     base, names = bundle.meta.get("threshold"), bundle.meta.get("holdout_images")
@@ -184,8 +185,10 @@ def choose_variant_threshold(bundle_dir: str | Path, file_name: str, images: str
         log(f"warning: the training threshold records no target false-reject rate: {keep}")
         return None
     fp32 = threshold_for_false_reject_rate(scores(bundle.verify("fp32")), target, upper=1.0)
+    # export checks onnxruntime against PyTorch to 1e-4 x the map's gain on any image; 10x that here
     tolerance = 1e-3 * map_gain(bundle.meta)
-    if abs(fp32["threshold"] - float(base["threshold"])) > tolerance:
+    drift = abs(fp32["threshold"] - float(base["threshold"]))
+    if drift > tolerance:
         log(f"warning: the images named like the held-out ones in {folder} give a threshold of "
             f"{fp32['threshold']:.4f} with model.onnx, not the {base['threshold']:.4f} chosen at training (limit "
             f"{tolerance:.1e}): they are not the images the model held out. {keep}")
@@ -193,6 +196,7 @@ def choose_variant_threshold(bundle_dir: str | Path, file_name: str, images: str
     own = threshold_for_false_reject_rate(scores(bundle.root / file_name), target, upper=1.0)
     own["rule"] += f", scored with {file_name}"
     own["holdout_sha256"] = hash_images(paths)
+    own["fp32_check"] = {"threshold": fp32["threshold"], "difference": drift, "limit": tolerance}
     entry = bundle.meta["files"][file_name]
     entry["threshold"] = own
     (bundle.root / "model.json").write_text(json.dumps(bundle.meta, indent=2))
