@@ -79,3 +79,19 @@ def test_a_mask_lands_where_its_defect_lands_and_a_map_goes_back_over_the_image(
 def test_an_unknown_fit_is_a_clear_error():
     with pytest.raises(ValueError, match="stretch, pad"):
         prepare(_smooth(10, 20), 32, "crop")
+
+
+def test_an_overlay_gets_the_part_of_the_map_over_the_frame():
+    """Overlays (predict, run's saved failures, the HMI previews) stretch this over the frame: with pad,
+    the mirrored margins must not be, or a defect would be drawn beside where it is."""
+    from memseg_edge.preprocess import over_image
+
+    amap = np.arange(96 * 96, dtype=np.float32).reshape(96, 96)
+    assert np.array_equal(over_image(amap, 300, 120, "stretch"), amap)
+    top, left, ch, cw = content_box(300, 120, 96, "pad")
+    part = over_image(amap, 300, 120, "pad")
+    assert part.shape == (ch, cw) == (96, 38) and np.array_equal(part, amap[top:top + ch, left:left + cw])
+    part[0, 0] = -1
+    assert amap[top, left] != -1   # a copy: the runtime reuses its output buffers
+    # a frame shrunk for the overlay (same aspect, fewer pixels) gets the same part
+    assert over_image(amap, 150, 60, "pad").shape == part.shape
