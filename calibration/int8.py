@@ -286,7 +286,8 @@ def select_images(images: str | Path, num: int, seed: int = 0, log: Callable = p
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in calibration folder {folder}"
                          f"{' but the held-out ones' if excluded else ''}: give a folder of good images of the product")
     if len(paths) < num:
-        log(f"warning: {folder} has {len(paths)} images, fewer than the {num} asked for; calibrating with "
+        besides = f" besides the {len(excluded)} held out at training" if excluded else ""
+        log(f"warning: {folder} has {len(paths)} images{besides}, fewer than the {num} asked for; calibrating with "
             f"all {len(paths)}")
         return paths
     pick = np.random.default_rng(seed).choice(len(paths), size=num, replace=False)

@@ -602,7 +602,7 @@ def compare_with_onnx(engine_path: str | Path, images: str | Path | None = None,
         return record
     try:
         reference = OnnxRuntimeBackend(onnx_path, threads=configured() or default_threads())
-        batch, source = _comparison_batch(images, trt_backend.image_size, n, trt_backend.info.fit)
+        batch, source = _comparison_batch(images, trt_backend.image_size, n, meta.get("resize", "stretch"))
         map_e, score_e = trt_backend.infer(batch)
         map_o, score_o = reference.infer(batch)
     finally:

@@ -224,11 +224,13 @@ def test_int8_with_fewer_images_than_asked_uses_all_and_warns(variants, tmp_path
     bundle = _copy_bundle(variants["bundle"], tmp_path / "bundle")
     few = tmp_path / "few"
     few.mkdir()
-    for p in sorted(variants["good"].glob("*.png"))[:3]:
+    held_out = set(json.loads((bundle / "model.json").read_text())["holdout_images"])
+    for p in sorted(variants["good"].glob("*.png"))[:4]:   # 000-003: one of them held out at training
         shutil.copy(p, few / p.name)
+    assert len(held_out & {p.name for p in few.iterdir()}) == 1
     lines: list[str] = []
     quantize_int8(bundle, few, num=5, method="minmax", progress=False, log=lines.append)
-    assert any(line.startswith("warning:") and "3 images" in line for line in lines)
+    assert any(line.startswith("warning:") and "3 images besides the 21 held out" in line for line in lines), lines
     entry = json.loads((bundle / "model.json").read_text())["files"]["model.int8.onnx"]
     assert entry["num_images"] == 3 and entry["method"] == "minmax"
 
