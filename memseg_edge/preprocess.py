@@ -64,17 +64,17 @@ def _check_fit(fit: str) -> None:
         raise ValueError(f"resize must be one of {', '.join(FITS)}, found {fit!r}")
 
 
-def _resize(image: np.ndarray, height: int, width: int, interp_up: int) -> np.ndarray:
+def _resize(image: np.ndarray, height: int, width: int, interp_up: int, interp_down: int) -> np.ndarray:
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return np.ascontiguousarray(image)
     shrinking = height < h and width < w
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else interp_up)
+    return cv2.resize(image, (width, height), interpolation=interp_down if shrinking else interp_up)
 
 
-def _to_square(image: np.ndarray, size: int, fit: str, interp_up: int) -> np.ndarray:
+def _to_square(image: np.ndarray, size: int, fit: str, interp_up: int, interp_down: int) -> np.ndarray:
     top, left, ch, cw = content_box(*image.shape[:2], size, fit)
-    inner = _resize(image, ch, cw, interp_up)
+    inner = _resize(image, ch, cw, interp_up, interp_down)
     if (ch, cw) == (size, size):
         return inner
     widths = [(top, size - ch - top), (left, size - cw - left)] + [(0, 0)] * (image.ndim - 2)
@@ -85,7 +85,7 @@ def resize_rgb(image: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray
     """RGB uint8 ``[H, W, 3]`` -> ``[size, size, 3]`` (``fit``: :data:`FITS`). Area interpolation when
     shrinking (no aliasing), bilinear when enlarging; the whole image is kept (no crop), so border
     defects stay visible."""
-    return _to_square(image, size, fit, cv2.INTER_LINEAR)
+    return _to_square(image, size, fit, cv2.INTER_LINEAR, cv2.INTER_AREA)
 
 
 def prepare(image: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray:
@@ -96,23 +96,16 @@ def prepare(image: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray:
 def square_mask(mask: np.ndarray, size: int, fit: str = "stretch") -> np.ndarray:
     """A bool mask at an image's own resolution -> bool ``[size, size]``, placed as :func:`prepare`
     places the image (nearest neighbour; with ``pad``, mirrored as the image is)."""
-    h, w = mask.shape
-    top, left, ch, cw = content_box(h, w, size, fit)
-    inner = cv2.resize(mask.astype(np.uint8), (cw, ch), interpolation=cv2.INTER_NEAREST)
-    if (ch, cw) != (size, size):
-        inner = np.pad(inner, [(top, size - ch - top), (left, size - cw - left)], mode="symmetric")
-    return inner > 0
+    return _to_square(mask.astype(np.uint8), size, fit, cv2.INTER_NEAREST, cv2.INTER_NEAREST) > 0
 
 
 def from_square(amap: np.ndarray, h: int, w: int, fit: str = "stretch") -> np.ndarray:
     """A float map at the model's square ``[size, size]`` -> ``[h, w]`` over the original image: the
     image's part of the square (``content_box``), resized bilinearly."""
-    size = amap.shape[-1]
-    top, left, ch, cw = content_box(h, w, size, fit)
-    inner = amap[top:top + ch, left:left + cw]
+    inner = over_image(amap, h, w, fit)
     if inner.shape == (h, w):
-        return np.ascontiguousarray(inner)
-    return cv2.resize(np.ascontiguousarray(inner, dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+        return inner
+    return cv2.resize(inner.astype(np.float32, copy=False), (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def over_image(amap: np.ndarray, h: int, w: int, fit: str = "stretch") -> np.ndarray:

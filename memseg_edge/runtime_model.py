@@ -44,9 +44,10 @@ def load_model(path: str | Path, *, threads: int | None = None, log: Callable[[s
         backend = OnnxRuntimeBackend(path, threads=threads)
         entry = backend.bundle.meta.get("files", {}).get(backend.onnx_path.name, {})
         sha = entry.get("sha256") or sha256_file(backend.onnx_path)
-        rule = (variant_threshold(backend.bundle.meta, backend.onnx_path.name) or {}).get("rule", "")
+        record = variant_threshold(backend.bundle.meta, backend.onnx_path.name)   # validated by the bundle
         return LoadedModel(backend, "onnxruntime", backend.onnx_path, backend.image_size,
-                           backend.bundle.threshold_for(backend.onnx_path.name),
-                           sha, None, str(entry.get("precision", "fp32")), backend.bundle.fit, rule)
+                           float(record["threshold"]) if record else None,
+                           sha, None, str(entry.get("precision", "fp32")), backend.bundle.fit,
+                           record.get("rule", "") if record else "")
     raise ConfigError(f"--model {path}: expected a bundle folder (model.json + model.onnx), one of its .onnx files, "
                       "or a TensorRT .engine file built by `memseg-edge build-engine`")
