@@ -328,6 +328,83 @@ def test_synthesizer_keeps_the_target_inside_a_small_foreground():
         assert mask[~truth].max() == 0.0
 
 
+def _width_profile(mask: np.ndarray) -> tuple[float, float]:
+    """(share of the mask left after removing everything under 5 px wide, share after under 3 px)."""
+    m = (mask > 0).astype(np.uint8)
+    open5 = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))
+    open3 = cv2.morphologyEx(m, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    return open5.sum() / m.sum(), open3.sum() / m.sum()
+
+
+def test_line_targets_are_thin_curves_at_contrast_and_change_nothing_else():
+    """synthesis.line_probability = 1: every target is a few segments at most 4 px wide (a 5x5 opening,
+    which keeps anything wider, keeps almost none of it; blobs survive it), drawn at a transparency of at
+    least 0.5, and the image changes only under the target."""
+    image = np.random.default_rng(0).integers(60, 200, (128, 128, 3), dtype=np.uint8)
+    rng = np.random.default_rng(5)
+    lines = synthesis.AnomalySynthesizer(SynthesisConfig(line_probability=1.0))
+    blobs = synthesis.AnomalySynthesizer(SynthesisConfig(line_probability=0.0))
+    assert "thin line targets p=1.00" in lines.sources and "line" not in blobs.sources
+    kept_lines, kept_blobs, n_line = [], [], 0
+    for _ in range(30):
+        out, mask = lines(image, rng)
+        assert mask.sum() >= lines.min_pixels and set(np.unique(mask)) <= {0.0, 1.0}
+        assert np.array_equal(out[mask == 0], image[mask == 0])
+        if lines.last_shape == "line":
+            n_line += 1
+            assert lines.last_delta >= synthesis.LINE_MIN_TRANSPARENCY
+            kept_lines.append(_width_profile(mask)[0])
+            assert mask.mean() < 0.2  # segments in one region, not a net over the image
+        _, bmask = blobs(image, rng)
+        assert blobs.last_shape == "blob"
+        kept_blobs.append(_width_profile(bmask)[0])
+    assert n_line >= 27  # a line draw falls back to a blob only when max_attempts draws all miss
+    assert np.median(kept_lines) < 0.05 and np.median(kept_blobs) > 0.7
+
+
+def test_line_probability_sets_the_share_of_thin_targets_and_zero_draws_nothing_extra():
+    image = np.random.default_rng(1).integers(60, 200, (64, 64, 3), dtype=np.uint8)
+    synth = synthesis.AnomalySynthesizer(SynthesisConfig(line_probability=0.3))
+    rng = np.random.default_rng(2)
+    shapes = []
+    for _ in range(200):
+        synth(image, rng)
+        shapes.append(synth.last_shape)
+    assert 0.2 <= shapes.count("line") / 200 <= 0.4
+    # With lines off, the random stream is the blob-only one: the same samples as a synthesiser that never
+    # heard of lines (what every model trained before line_probability existed was made with).
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    off = synthesis.AnomalySynthesizer(SynthesisConfig(line_probability=0.0))
+    for _ in range(5):
+        out, mask = off(image, a)
+        ref_mask = off._target(image, b)
+        ref = synthesis.blend(image, synthesis.structure_source(image, b, off.grid), ref_mask,
+                              float(b.uniform(off.cfg.transparency_min, off.cfg.transparency_max)))
+        assert np.array_equal(mask, ref_mask) and np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_a_line_probability_outside_0_1_is_refused(p):
+    with pytest.raises(ValueError, match="line_probability"):
+        synthesis.AnomalySynthesizer(SynthesisConfig(line_probability=p))
+
+
+def test_line_targets_stay_inside_a_small_foreground_and_are_never_empty():
+    image, truth = _square_scene(size=96, lo=40, hi=56)
+    synth = synthesis.AnomalySynthesizer(SynthesisConfig(line_probability=1.0,
+                                                         foreground=ForegroundConfig(method="otsu")))
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        _, mask = synth(image, rng)
+        assert mask.sum() >= synth.min_pixels
+        assert mask[~truth].max() == 0.0
+    black = np.zeros((48, 48, 3), np.uint8)
+    never = synthesis.AnomalySynthesizer(SynthesisConfig(line_probability=1.0, perlin_threshold=2.0))
+    for _ in range(3):
+        _, mask = never(black, rng)  # no line can be drawn: the blob fallback, never an empty target
+        assert mask.sum() >= never.min_pixels and never.last_shape == "blob"
+
+
 # ------------------------------------------------------------------------------------------- preview
 
 

@@ -126,6 +126,10 @@ class SynthesisConfig:
     Confirmed on both products (bottle and magnetic_tile, patch memory, short recipe): [0, 6) lowers the
     probe mean 0.9431 -> 0.9294 (configs/perlin-0-6.yaml, BENCHMARKS.md "Perlin scales on both products")."""
     perlin_threshold: float = 0.5
+    line_probability: float = 0.0
+    """Odds that a synthetic anomaly is thin (a few curved segments 1-4 px wide: the zero set of a Perlin
+    field inside a Perlin blob) instead of a blob. Real thin defects (cracks, scratches) are unlike any
+    blob; 0 makes blobs only, as the paper."""
     transparency_min: float = 0.15
     transparency_max: float = 1.0
     """delta ~ U[min, max] in Eq. 1 (the paper: [0.15, 1])."""

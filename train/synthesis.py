@@ -152,6 +152,25 @@ def perlin_mask(shape: tuple[int, int], cfg: SynthesisConfig, rng: np.random.Gen
     return (noise > cfg.perlin_threshold).astype(np.float32)
 
 
+LINE_HALF_WIDTH = (0.5, 2.0)
+"""Half-width (pixels) of a thin synthetic anomaly, drawn uniformly: lines 1 to 4 px wide."""
+LINE_MIN_TRANSPARENCY = 0.5
+"""Lowest transparency for a thin anomaly: a line a few pixels wide is visible only by its contrast."""
+
+
+def perlin_line_mask(shape: tuple[int, int], cfg: SynthesisConfig, rng: np.random.Generator,
+                     half_width: float) -> np.ndarray:
+    """Thin curves: the pixels of a rotated Perlin field ``n`` (``cfg``'s scales) within ``half_width``
+    pixels of its zero set, by the first-order distance ``|n| / |grad n|``, kept only inside an ordinary
+    Perlin blob mask (``perlin_mask``), so that a sample holds a few curved segments in one region rather
+    than a net over the whole image. Returns ``float32 [H, W]`` in {0, 1}; it can be empty."""
+    field = _rotated_perlin(shape, cfg, rng)
+    gy, gx = np.gradient(field.astype(np.float64))
+    distance = np.abs(field) / np.maximum(np.hypot(gy, gx), 1e-9)
+    region = perlin_mask(shape, cfg, rng)
+    return ((distance < half_width) & (region > 0)).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Foreground mask
 # --------------------------------------------------------------------------------------------------
@@ -504,6 +523,8 @@ class AnomalySynthesizer:
             to print (e.g. that the texture source is off because no folder was configured).
         last_source: ``"texture"`` or ``"structure"``: the source of the latest sample (None before).
         last_delta: the transparency of the latest sample (None before).
+        last_shape: ``"blob"`` or ``"line"``: the target's shape in the latest sample (None before).
+        line_probability: the odds of a thin (line) target instead of a blob.
     """
 
     def __init__(self, cfg: SynthesisConfig, *, min_pixels: int = 16, max_attempts: int = 10) -> None:
@@ -521,6 +542,8 @@ class AnomalySynthesizer:
                 "synthesis.transparency_min/max: need 0 <= min <= max <= 1, "
                 f"got {cfg.transparency_min}, {cfg.transparency_max}"
             )
+        if not 0.0 <= cfg.line_probability <= 1.0:
+            raise ValueError(f"synthesis.line_probability must be in [0, 1], got {cfg.line_probability}")
         if not 0.0 <= cfg.texture_probability <= 1.0:
             raise ValueError(f"synthesis.texture_probability must be in [0, 1], got {cfg.texture_probability}")
         grid = list(cfg.structure_grid)
@@ -549,18 +572,39 @@ class AnomalySynthesizer:
         else:
             self.texture_probability = 0.0
             self.sources = f"{grid_text} only (texture_probability=0)"
+        self.line_probability = float(cfg.line_probability)
+        if self.line_probability > 0.0:
+            self.sources += f"; thin line targets p={self.line_probability:.2f}"
         self.last_source: str | None = None
         self.last_delta: float | None = None
+        self.last_shape: str | None = None
 
-    def _target(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The segmentation target M = M_P * M_I, never with fewer than ``min_pixels`` ones."""
+    def _foreground(self, image: np.ndarray, need: int) -> np.ndarray:
         h, w = image.shape[:2]
-        need = min(self.min_pixels, h * w)
         fg = foreground_mask(image, self.cfg.foreground)
         if fg.sum() < need:
             # A foreground this small is a failed binarisation, not a product: anomalies anywhere beat
             # none at all.
             fg = np.ones((h, w), np.float32)
+        return fg
+
+    def _line_target(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+        """A thin target (``perlin_line_mask`` inside the foreground) with at least ``min_pixels`` ones,
+        or None when ``max_attempts`` draws gave none (the caller makes a blob instead)."""
+        h, w = image.shape[:2]
+        need = min(self.min_pixels, h * w)
+        fg = self._foreground(image, need)
+        for _ in range(self.max_attempts):
+            mask = perlin_line_mask((h, w), self.cfg, rng, float(rng.uniform(*LINE_HALF_WIDTH))) * fg
+            if mask.sum() >= need:
+                return mask
+        return None
+
+    def _target(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The segmentation target M = M_P * M_I, never with fewer than ``min_pixels`` ones."""
+        h, w = image.shape[:2]
+        need = min(self.min_pixels, h * w)
+        fg = self._foreground(image, need)
         field = None
         for _ in range(self.max_attempts):
             field = _rotated_perlin((h, w), self.cfg, rng)
@@ -587,7 +631,13 @@ class AnomalySynthesizer:
             [H, W]`` in {0, 1}, never all zero. ``I_A`` equals ``image`` wherever ``M == 0``.
         """
         _check_rgb(image)
-        mask = self._target(image, rng)
+        mask = None
+        # no draw at all when lines are off, so that a blob-only configuration keeps its random stream
+        if self.line_probability > 0.0 and rng.random() < self.line_probability:
+            mask = self._line_target(image, rng)
+        self.last_shape = "blob" if mask is None else "line"
+        if mask is None:
+            mask = self._target(image, rng)
         h, w = image.shape[:2]
         if self.texture_probability > 0.0 and rng.random() < self.texture_probability:
             path = self.textures[int(rng.integers(0, len(self.textures)))]
@@ -596,7 +646,10 @@ class AnomalySynthesizer:
         else:
             source = structure_source(image, rng, self.grid)
             self.last_source = "structure"
-        delta = float(rng.uniform(self.cfg.transparency_min, self.cfg.transparency_max))
+        low = self.cfg.transparency_min
+        if self.last_shape == "line":
+            low = min(max(LINE_MIN_TRANSPARENCY, low), self.cfg.transparency_max)
+        delta = float(rng.uniform(low, self.cfg.transparency_max))
         self.last_delta = delta
         return blend(image, source, mask, delta), mask
 
@@ -653,7 +706,7 @@ def preview_grid(
         cv2.drawContours(shown, contours, -1, (255, 0, 0), 1)
         mask_rgb = np.repeat((mask > 0)[:, :, None].astype(np.uint8) * 255, 3, axis=2)
         tile = np.concatenate([shown, mask_rgb], axis=1)
-        _label(tile, f"{synthesizer.last_source} d={synthesizer.last_delta:.2f}")
+        _label(tile, f"{synthesizer.last_source} {synthesizer.last_shape} d={synthesizer.last_delta:.2f}")
         r, c = divmod(n, cols)
         sheet[r * h : (r + 1) * h, c * 2 * w : (c + 1) * 2 * w] = tile
     return sheet
