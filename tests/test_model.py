@@ -72,6 +72,52 @@ def test_each_module_can_be_switched_off_for_the_ablation(switch):
         assert model(torch.rand(1, 3, SIZE, SIZE)).shape == (1, 1, SIZE, SIZE)
 
 
+def test_standardise_images_gives_every_image_the_same_exposure_and_keeps_colour():
+    from memseg_edge.train.torch_model import STANDARD_MEAN, STANDARD_STD, standardise
+
+    g = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.5 * torch.rand(3, 3, SIZE, SIZE, generator=g)
+    x[1, 0] *= 0.5  # a colour cast on one image: kept, only the image's overall level and spread change
+    y = standardise(x)
+    assert torch.allclose(y.mean(dim=(1, 2, 3)), torch.full((3,), STANDARD_MEAN), atol=1e-5)
+    assert torch.allclose(y.std(dim=(1, 2, 3), unbiased=False), torch.full((3,), STANDARD_STD), rtol=0.02)
+    assert float(y[1, 0].mean()) < float(y[1, 1].mean()) - 0.05
+    # A flat frame (lens cap, blank belt) stays finite: the mean, not a division by zero.
+    flat = standardise(torch.full((1, 3, 8, 8), 0.7))
+    assert torch.isfinite(flat).all() and torch.allclose(flat, torch.tensor(STANDARD_MEAN), atol=1e-4)
+
+
+def test_a_model_with_standardised_images_sees_a_darker_or_flatter_exposure_as_the_same_part():
+    """model.standardise_images: the same scene at another exposure (gain and offset) gives the same map; the
+    model without it does not. Without the option the encoder's input is ImageNet's normalisation alone."""
+    g = torch.Generator().manual_seed(1)
+    x = 0.3 + 0.4 * torch.rand(2, 3, SIZE, SIZE, generator=g)
+    darker = 0.6 * x + 0.05
+    on, off = small_model(standardise_images=True).eval(), small_model().eval()
+    with torch.no_grad():
+        moved_on = float((on(x) - on(darker)).abs().max())
+        moved_off = float((off(x) - off(darker)).abs().max())
+        assert moved_on < 0.02 * float(on(x).max())
+        assert moved_off > 5 * moved_on
+        assert torch.equal(off.normalise(x), (x - off.mean) / off.std)
+
+
+def test_the_exported_graph_standardises_as_pytorch_does(tmp_path):
+    import onnxruntime as ort
+
+    from memseg_edge.train.export import write_onnx
+    from memseg_edge.train.trainer import predict_maps
+
+    model = small_model(standardise_images=True).eval()
+    write_onnx(model, 10, tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    images = np.stack([rng.integers(40, 120, (SIZE, SIZE, 3)), rng.integers(100, 250, (SIZE, SIZE, 3))]).astype(np.uint8)
+    ref = predict_maps(model, images, "cpu")
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    amap = sess.run(None, {sess.get_inputs()[0].name: images})[0]
+    assert float(np.abs(amap[:, 0] - ref).max()) < 1e-4
+
+
 def test_spatial_attention_follows_equations_5_to_7():
     d3 = torch.rand(1, 5, 2, 2)
     d2 = torch.rand(1, 4, 4, 4)

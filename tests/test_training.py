@@ -100,6 +100,32 @@ def test_training_is_reproducible_and_resume_continues_the_same_run(product_root
     with pytest.raises(ValueError, match=r"perlin_max_scale.*--config .*half/config\.yaml"):
         train(apply_overrides(cfg, {"synthesis.perlin_max_scale": 6}), tmp_path / "half",
               resume=tmp_path / "half" / "checkpoint.pt", progress=False, log=lambda *a: None)
+    # ... and so is resuming with another seed: its split would train on the run's held-out images.
+    with pytest.raises(ValueError, match=r"split its good images.*--config .*half/config\.yaml"):
+        train(apply_overrides(cfg, {"train.seed": 1}), tmp_path / "half",
+              resume=tmp_path / "half" / "checkpoint.pt", progress=False, log=lambda *a: None)
+
+
+def test_split_seed_keeps_the_split_while_train_seed_changes_the_run(product_root, tmp_path):
+    """data.split_seed: another train.seed on the same memory samples and held-out images (what a seed-to-seed
+    comparison on one probe needs); -1 follows train.seed, as before the option existed."""
+    from memseg_edge.train.datasets import run_split
+
+    images = discover(DataConfig(root=str(product_root), category="widget")).train_good
+    base = tiny_config(product_root)
+    pinned = apply_overrides(base, {"train.seed": 1, "data.split_seed": 0})
+    follows = apply_overrides(base, {"train.seed": 1})
+    assert run_split(pinned, images) == run_split(base, images) == split_good(images, 4, 0.2, seed=0)
+    assert run_split(follows, images) == split_good(images, 4, 0.2, seed=1) != run_split(base, images)
+    a = read_checkpoint(train(apply_overrides(base, {"train.iterations": 2}), tmp_path / "a", progress=False,
+                              log=lambda *a: None))
+    b = read_checkpoint(train(apply_overrides(pinned, {"train.iterations": 2}), tmp_path / "b", progress=False,
+                              log=lambda *a: None))
+    assert (a["data"]["memory_images"], a["data"]["holdout_images"]) == (b["data"]["memory_images"],
+                                                                          b["data"]["holdout_images"])
+    assert not torch.equal(a["model_state"]["decoder.head.1.weight"], b["model_state"]["decoder.head.1.weight"])
+    with pytest.raises(ValueError, match="split_seed"):
+        train(apply_overrides(base, {"data.split_seed": -2}), tmp_path / "c", progress=False, log=lambda *a: None)
 
 
 def test_memory_and_held_out_images_never_train(product_root):
@@ -329,15 +355,18 @@ def test_distance_fusion_is_calibrated_on_training_goods_and_exported_as_compute
 
 
 def test_a_checkpoint_saved_before_distance_fusion_keeps_the_map_it_was_made_with(product_root, tmp_path):
-    """A checkpoint whose config predates ``model.distance_fusion`` loads with it off, whatever the
-    default: its threshold was chosen on the decoder's map, which is what it must go on computing."""
+    """A checkpoint whose config predates ``model.distance_fusion`` (and ``model.standardise_images``) loads
+    with them off, whatever the defaults: its threshold was chosen on the decoder's map of the images as
+    captured, which is what it must go on computing."""
     cfg = tiny_config(product_root, iterations=2, **{"model.distance_fusion": False})
     path = train(cfg, tmp_path / "run", progress=False, log=lambda *a: None)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     del ckpt["config"]["model"]["distance_fusion"]
+    del ckpt["config"]["model"]["standardise_images"]
     torch.save(ckpt, tmp_path / "old.pt")
     old, _ = load_model(tmp_path / "old.pt")
     assert old.cfg.distance_fusion is False and not hasattr(old, "fusion_norm")
+    assert old.cfg.standardise_images is False
     images = np.random.default_rng(1).integers(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
     model, _ = load_model(path)
     np.testing.assert_array_equal(predict_maps(old, images, "cpu"), predict_maps(model, images, "cpu"))

@@ -12,7 +12,7 @@ import torch
 from memseg_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 from .config import MemSegConfig
-from .torch_model import MemSeg
+from .torch_model import STANDARD_MEAN, STANDARD_STD, MemSeg
 
 FORMAT_VERSION = 2
 """2: the frozen encoder is fixed in inference mode (FrozenBatchNorm) and the decoder has a stride-2 skip.
@@ -34,7 +34,10 @@ def save_checkpoint(path: str | Path, model: MemSeg, cfg: MemSegConfig, *, itera
         "model_state": state,
         "config": cfg.to_dict(),
         "image_size": cfg.data.image_size,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input": "RGB in [0, 1]"},
+        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input": "RGB in [0, 1]",
+                          **({"per_image": f"each image first shifted and scaled to mean {STANDARD_MEAN} and "
+                                           f"standard deviation {STANDARD_STD} (model.standardise_images)"}
+                             if cfg.model.standardise_images else {})},
         "top_k": cfg.eval.top_k,
         "threshold": threshold,
         "data": data,
@@ -93,6 +96,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if isinstance(model_cfg, dict) and "distance_fusion" not in model_cfg:
         # saved before model.distance_fusion existed: its maps and its threshold are the decoder's alone
         model_cfg["distance_fusion"] = False
+    if isinstance(model_cfg, dict) and "standardise_images" not in model_cfg:
+        # saved before model.standardise_images existed: its encoder saw the images as captured
+        model_cfg["standardise_images"] = False
     return ckpt
 
 

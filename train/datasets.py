@@ -106,10 +106,12 @@ def split_good(images: list[Path], memory_samples: int, holdout_fraction: float,
 
 def run_split(cfg, images: list[Path]) -> Split:
     """The split a training run of ``cfg`` (a ``MemSegConfig``) makes of the good images ``images``:
-    ``split_good`` with the run's memory size (0 without the memory step), hold-out fraction and seed.
+    ``split_good`` with the run's memory size (0 without the memory step), hold-out fraction and split seed
+    (``data.split_seed``, or ``train.seed`` when it is -1).
     Tools that score a run's held-out images call this, so they pick the images training held out."""
+    seed = cfg.train.seed if cfg.data.split_seed == -1 else cfg.data.split_seed
     return split_good(images, cfg.model.memory_samples if cfg.model.use_memory else 0,
-                      cfg.data.holdout_fraction, cfg.train.seed)
+                      cfg.data.holdout_fraction, seed)
 
 
 def hash_image_list(paths: list[Path]) -> str:

@@ -126,6 +126,22 @@ class Decoder(nn.Module):
         return self.head(self.final_up(upsample2(x)))
 
 
+STANDARD_MEAN = 0.449
+STANDARD_STD = 0.226
+STANDARD_EPS = 1e-3
+"""Floor of a standardised image's standard deviation: a flat image (a blank frame) stays finite."""
+
+
+def standardise(images: torch.Tensor) -> torch.Tensor:
+    """``[N, 3, H, W]`` -> each image shifted and scaled (one mean and one standard deviation over its
+    three channels) to mean ``STANDARD_MEAN`` and standard deviation ``STANDARD_STD``. Written with plain
+    reductions so that it exports to ONNX as ReduceMean, Sub, Mul, Sqrt."""
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    centred = images - mean
+    std = (centred * centred).mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    return centred * (STANDARD_STD / (std + STANDARD_EPS)) + STANDARD_MEAN
+
+
 class MemSeg(nn.Module):
     """MemSeg: frozen encoder levels -> memory module -> MSFF + spatial attention -> U-Net decoder (with
     the frozen stem as its stride-2 skip).
@@ -160,6 +176,10 @@ class MemSeg(nn.Module):
             self.register_buffer("fusion_norm", torch.ones(3))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the encoder's input: ``ModelConfig.standardise_images`` (when on), then
+        ImageNet's per-channel normalisation."""
+        if self.cfg.standardise_images:
+            images = standardise(images)
         return (images - self.mean) / self.std
 
     @torch.no_grad()

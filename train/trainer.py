@@ -132,6 +132,8 @@ def check_config(cfg: MemSegConfig) -> list[str]:
         raise ValueError(f"data.image_size must be a multiple of 32 (the encoder's stride), found {dc.image_size}")
     if not 0.0 <= dc.holdout_fraction < 1.0:
         raise ValueError(f"data.holdout_fraction must be in [0, 1), found {dc.holdout_fraction}")
+    if dc.split_seed < -1:
+        raise ValueError(f"data.split_seed must be -1 (train.seed) or a seed >= 0, found {dc.split_seed}")
     if tc.iterations < 1:
         raise ValueError(f"train.iterations must be >= 1, found {tc.iterations}")
     if tc.batch_size < 2 or tc.batch_size % 2:
@@ -228,6 +230,11 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
 
     data = discover(cfg.data)
     split = run_split(cfg, data.train_good)
+    if ckpt is not None and run_split(saved, data.train_good) != split:
+        # the held-out images must never have been trained on, nor the memory samples change mid-run
+        raise ValueError(f"{resume} split its good images into memory, held-out and training images otherwise "
+                         "(train.seed, data.split_seed, data.holdout_fraction or model.memory_samples differ); "
+                         f"resume with the run's own configuration: --config {Path(resume).parent / 'config.yaml'}")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
