@@ -469,3 +469,80 @@ def test_a_model_trained_keeping_the_aspect_ratio_is_run_the_same_way_everywhere
     with pytest.raises(ValueError, match="stretch, pad"):
         train(tiny_config(product_root, **{"data.resize": "crop"}), tmp_path / "bad", progress=False,
               log=lambda *a: None)
+
+
+def test_a_memory_refilled_after_training_keeps_its_size_and_never_holds_a_held_out_or_calibration_image(tmp_path):
+    """model.memory_rebuild_samples: the trained weights are those of the run without it (the refill acts
+    after the last iteration); the bank keeps its size (inference costs the same) but now comes from the
+    memory samples plus a seeded pick of training images, never a held-out image or one of the images
+    that set the fusion normalisers; the checkpoint lists them. tools/refill_memory.py on the run trained
+    without it gives the same model, and ``--samples 0`` gives the trained bank back bit for bit."""
+    import subprocess
+    import sys
+
+    from conftest import make_product_dataset
+    from memseg_edge.train.trainer import fusion_calibration_images
+
+    root = make_product_dataset(tmp_path / "data", n_train=100)
+    common = {"model.memory_patches": 300, "train.checkpoint_every": 0, "model.distance_fusion": True}
+    plain = train(tiny_config(root, iterations=2, **common), tmp_path / "plain", progress=False, log=lambda *a: None)
+    refilled = train(tiny_config(root, iterations=2, **common, **{"model.memory_rebuild_samples": 12}),
+                     tmp_path / "refilled", progress=False, log=lambda *a: None)
+    p, r = read_checkpoint(plain), read_checkpoint(refilled)
+    for name, value in p["model_state"].items():
+        if name.startswith(("memory.bank", "memory.scale")) or name == "fusion_norm":
+            assert value.shape == r["model_state"][name].shape, name
+            assert name.startswith("memory.scale") or not torch.equal(value, r["model_state"][name]), name
+        else:
+            assert torch.equal(value, r["model_state"][name]), name
+    names = r["data"]["memory_refill_images"]
+    assert "memory_refill_images" not in p["data"] and len(names) == len(set(names)) == 12
+    assert names[:4] == r["data"]["memory_images"] and not set(names) & set(r["data"]["holdout_images"])
+    cfg = MemSegConfig.from_dict(r["config"])
+    from memseg_edge.train.datasets import run_split
+    split = run_split(cfg, discover(cfg.data).train_good)
+    assert not set(names) & {q.name for q in fusion_calibration_images(split.train, cfg.train.seed)}
+    assert r["threshold"]["threshold"] != p["threshold"]["threshold"]
+
+    tool = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "refill_memory.py")]
+    run = lambda *args: subprocess.run(tool + [str(a) for a in args], capture_output=True, text=True, timeout=600)
+    proc = run(tmp_path / "plain", "--samples", 12, "--out", tmp_path / "added")
+    assert proc.returncode == 0, proc.stderr
+    added = read_checkpoint(tmp_path / "added" / "checkpoint.pt")
+    for name, value in r["model_state"].items():
+        torch.testing.assert_close(added["model_state"][name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert added["data"]["memory_refill_images"] == names
+    assert added["threshold"]["threshold"] == pytest.approx(r["threshold"]["threshold"], rel=1e-6)
+    proc = run(tmp_path / "added", "--samples", 0, "--out", tmp_path / "back")
+    assert proc.returncode == 0, proc.stderr
+    back = read_checkpoint(tmp_path / "back" / "checkpoint.pt")
+    assert "memory_refill_images" not in back["data"]
+    for name, value in p["model_state"].items():
+        torch.testing.assert_close(back["model_state"][name], value, rtol=1e-6, atol=1e-7, msg=name)
+    proc = run(tmp_path / "plain", "--samples", 3, "--out", tmp_path / "fewer")
+    assert proc.returncode != 0 and "more than model.memory_samples" in proc.stderr
+
+
+def test_a_run_resumed_after_its_memory_was_refilled_trains_on_with_the_bank_it_trained_with(product_root, tmp_path):
+    """Training never sees a refilled bank: a finished run resumed for more iterations goes back to the
+    memory samples' bank, so it ends where an uninterrupted run ends."""
+    cfg = tiny_config(product_root, iterations=4, **{"train.checkpoint_every": 0, "model.distance_fusion": False,
+                                                      "model.memory_rebuild_samples": 8})
+    full = train(cfg, tmp_path / "full", progress=False, log=lambda *a: None)
+    train(apply_overrides(cfg, {"train.iterations": 2}), tmp_path / "half", progress=False, log=lambda *a: None)
+    half = read_checkpoint(tmp_path / "half" / "checkpoint.pt")
+    assert len(half["data"]["memory_refill_images"]) == 8
+    resumed = train(cfg, tmp_path / "half", resume=tmp_path / "half" / "checkpoint.pt", progress=False, log=lambda *a: None)
+    a, b = (read_checkpoint(q)["model_state"] for q in (full, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume differs: {k}")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.memory_rebuild_samples": 4}, "more than model.memory_samples"),
+    ({"model.memory_rebuild_samples": 8, "model.memory_selection": "sum"}, "memory_selection: patch"),
+])
+def test_a_memory_refill_that_cannot_work_is_refused_before_training(product_root, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_config(product_root, **overrides), tmp_path / "run", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

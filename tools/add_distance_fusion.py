@@ -17,46 +17,23 @@ from pathlib import Path
 
 import click
 
-from memseg_edge.train.checkpoint import read_checkpoint, save_checkpoint
+from memseg_edge.train.checkpoint import read_checkpoint
 from memseg_edge.train.config import MemSegConfig
-from memseg_edge.train.datasets import discover, run_split
-from memseg_edge.train.synthesis import AnomalySynthesizer
-from memseg_edge.train.torch_model import MemSeg
-from memseg_edge.train.trainer import finish_model
+from memseg_edge.train.trainer import finish_again
 
 
 def add_distance_fusion(run: Path, out: Path, log=print) -> Path:
     """``run``'s checkpoint with ``model.distance_fusion`` on, finished as training finishes; returns the
     new checkpoint's path."""
-    ckpt = read_checkpoint(run / "checkpoint.pt" if run.is_dir() else run)
-    cfg = MemSegConfig.from_dict(ckpt["config"])
+    cfg = MemSegConfig.from_dict(read_checkpoint(run / "checkpoint.pt" if run.is_dir() else run)["config"])
     if cfg.model.distance_fusion:
         raise click.ClickException(f"{run} already has model.distance_fusion on")
     if not cfg.model.use_memory:
         raise click.ClickException(f"{run} has no memory step (model.use_memory: false); the fusion needs one")
-    if ckpt.get("threshold") is None:
-        raise click.ClickException(f"{run}'s checkpoint is not a finished run (no threshold): finish training first")
-    cfg.model.distance_fusion = True
-    model = MemSeg(cfg.model, int(ckpt["image_size"]), weights=None)
-    missing, unexpected = model.load_state_dict(ckpt["model_state"], strict=False)
-    if list(missing) != ["fusion_norm"] or unexpected:
-        raise click.ClickException(f"{run}: its weights do not fit this model (missing {missing}, unexpected {unexpected})")
-    split = run_split(cfg, discover(cfg.data).train_good)
-    if ([p.name for p in split.memory] != ckpt["data"]["memory_images"]
-            or [p.name for p in split.holdout] != ckpt["data"]["holdout_images"]):
-        raise click.ClickException(f"{run}: the good images under {cfg.data.root} no longer split as they did in "
-                                   "training (memory or held-out images differ); this needs the run's own data")
-    threshold, validation = finish_model(model, cfg, split, AnomalySynthesizer(cfg.synthesis), "cpu", log)
-    old = ckpt.get("validation") or {}
-    validation = {**(validation or {}), "history": old.get("history", []), "train_seconds": old.get("train_seconds")}
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
-    path = save_checkpoint(out / "checkpoint.pt", model, cfg, iteration=int(ckpt["iteration"]), threshold=threshold,
-                           data=ckpt["data"], backbone_weights=ckpt["backbone_weights"], validation=validation,
-                           optimizer=ckpt.get("optimizer"), scheduler=ckpt.get("scheduler"),
-                           train_seconds=ckpt.get("train_seconds"))
-    log(f"checkpoint: {path}")
-    return path
+    try:
+        return finish_again(run, out, {"model.distance_fusion": True}, log)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @click.command()

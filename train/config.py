@@ -65,6 +65,15 @@ class ModelConfig:
     ``patch`` runs as standard ops in every runtime."""
     memory_patches: int = 4096
     """With ``memory_selection: patch``: at most this many feature vectors per level in the bank."""
+    memory_rebuild_samples: int = 0
+    """With ``memory_selection: patch``, above ``memory_samples``: once training has ended, the bank is
+    filled again from this many good training images (the memory samples, then a seeded pick of the
+    training images; never a held-out image nor one that sets the fusion normalisers), at the same size
+    (``memory_patches`` per level, so inference costs the same), before the normalisers and the threshold
+    are set. During training an image whose own patches were in the bank would compare with itself; after
+    it, more images show the memory more of a product's normal variation. ``0`` (the default): the bank
+    stays as trained. Acts after the last iteration only: ``tools/refill_memory.py`` gives a finished run
+    one without training again."""
     feature_smoothing: int = 3
     """Kernel of a stride-1 average pool over the frozen features (1 = off). The paper is silent; the
     authors' released code smooths with 3x3, which makes the difference maps robust to one-pixel

@@ -89,7 +89,9 @@ class MemoryBank(nn.Module):
     def _fill_patches(self, feats: list[torch.Tensor]) -> None:
         for bank, scale, f in zip(self.banks(), self.scales(), feats):
             m, c, h, w = f.shape
-            if m != self.num_samples or c != bank.shape[1] or m * h * w < bank.shape[0]:
+            # Any number of images (a bank refilled after training holds more than ``num_samples``), as long
+            # as they give the bank its size: the exported graph and every runtime see the same shapes.
+            if c != bank.shape[1] or m * h * w < bank.shape[0]:
                 raise ValueError(f"memory features {tuple(f.shape)} do not match the patch bank {tuple(bank.shape)}")
             vectors = f.permute(0, 2, 3, 1).reshape(-1, c)
             source = torch.arange(m, device=f.device).repeat_interleave(h * w)

@@ -29,7 +29,7 @@ from memseg_edge.scoring import image_scores
 
 from . import metrics
 from .checkpoint import read_checkpoint, save_checkpoint
-from .config import MemSegConfig
+from .config import MemSegConfig, apply_overrides
 from .datasets import TrainingStream, discover, hash_image_list, load_images, run_split
 from .loss import memseg_loss
 from .synthesis import NO_TEXTURES, AnomalySynthesizer, foreground_mask
@@ -150,6 +150,14 @@ def check_config(cfg: MemSegConfig) -> list[str]:
         notes.append(f"note: warm-up ({tc.warmup_iterations} iterations) is longer than training "
                      f"({tc.iterations}); the learning rate would never reach {tc.lr:g}, so the warm-up is scaled "
                      f"to {effective_warmup(tc)} iterations (10 % of training)")
+    if mc.memory_rebuild_samples:
+        if mc.memory_selection != "patch" or not mc.use_memory:
+            raise ValueError("model.memory_rebuild_samples needs model.memory_selection: patch (the other "
+                             "selections compare with every memory image, so more images would cost more at "
+                             "inference); set it to 0")
+        if mc.memory_rebuild_samples <= mc.memory_samples:
+            raise ValueError(f"model.memory_rebuild_samples must be 0 (off) or more than model.memory_samples "
+                             f"({mc.memory_samples}), found {mc.memory_rebuild_samples}")
     if not cfg.synthesis.textures and cfg.synthesis.texture_probability > 0:
         raise ValueError(
             "no texture folder: MemSeg's texture anomaly source needs one (the paper's Table 3: training without it "
@@ -210,9 +218,10 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     if resume is not None:
         ckpt = read_checkpoint(resume)
         saved = MemSegConfig.from_dict(ckpt["config"])
-        # The fusion acts after the last iteration only, so a run may be resumed with it switched (a run
-        # started before it existed, say).
-        if (dataclasses.replace(saved.model, distance_fusion=cfg.model.distance_fusion) != cfg.model
+        # The fusion and the memory refill act after the last iteration only, so a run may be resumed with
+        # either switched (a run started before it existed, say).
+        if (dataclasses.replace(saved.model, distance_fusion=cfg.model.distance_fusion,
+                                memory_rebuild_samples=cfg.model.memory_rebuild_samples) != cfg.model
                 or saved.data.image_size != cfg.data.image_size or saved.data.resize != cfg.data.resize):
             raise ValueError(f"{resume} was trained with a different model, image size or data.resize; resume needs "
                              "the same")
@@ -258,8 +267,11 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"fusion_norm"}:
             raise ValueError(f"{resume}: its weights do not fit the model (missing {missing}, unexpected {unexpected})")
+        if model.memory is not None and ckpt["data"].get("memory_refill_images") and start_it < tc.iterations:
+            # the bank was refilled after the run's last iteration; training goes on with the bank it trained with
+            model.memory.fill(memory_features(model, load_images(split.memory, size, cfg.data.resize), device))
     elif model.memory is not None:
-        model.memory.fill(model.memory_features(to_tensor(load_images(split.memory, size, cfg.data.resize), device)))
+        model.memory.fill(memory_features(model, load_images(split.memory, size, cfg.data.resize), device))
 
     synthesizer = AnomalySynthesizer(cfg.synthesis)
     log(f"anomaly sources: {synthesizer.sources}")
@@ -344,7 +356,10 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         dist.destroy_process_group()
         return out_dir / "checkpoint.pt"
 
-    threshold, validation = finish_model(model, cfg, split, synthesizer, device, log)
+    threshold, validation, refill = finish_model(model, cfg, split, synthesizer, device, log)
+    data_info.pop("memory_refill_images", None)
+    if refill:
+        data_info["memory_refill_images"] = [p.name for p in refill]
     validation = {**(validation or {}), "history": history,
                   "train_seconds": None if unrecorded else earlier_seconds + elapsed}
     path = checkpoint(it, threshold, validation, seconds=elapsed)
@@ -354,20 +369,33 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     return path
 
 
-def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device, log=print) -> tuple[dict | None, dict | None]:
-    """What follows the last iteration, on good images only: the distance-fusion normalisers (from the
-    training pool), then the decision threshold (held-out images) and the synthetic validation. Leaves
-    ``model`` in eval mode; returns (threshold, validation), both None without held-out images."""
+def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
+                 log=print) -> tuple[dict | None, dict | None, list[Path]]:
+    """What follows the last iteration, on good images only: the memory bank refilled from more images
+    (``model.memory_rebuild_samples``), the distance-fusion normalisers (from the training pool), then the
+    decision threshold (held-out images) and the synthetic validation. Leaves ``model`` in eval mode;
+    returns (threshold, validation, the images of a refilled bank or []), the first two None without
+    held-out images."""
     model.eval()
     size, tc = cfg.data.image_size, cfg.train
+    calibration = fusion_calibration_images(split.train, tc.seed) if model.fuses else []
+    refill = []
+    if model.memory is not None and cfg.model.memory_rebuild_samples:
+        refill = memory_refill_images(split, calibration, cfg.model.memory_rebuild_samples, tc.seed)
+        t0 = time.perf_counter()
+        model.memory.fill(memory_features(model, load_images(refill, size, cfg.data.resize), device))
+        log(f"memory bank refilled from {len(refill)} good training images ({len(split.memory)} memory samples + "
+            f"{len(refill) - len(split.memory)} training images) in {time.perf_counter() - t0:.0f} s")
+        if len(refill) < cfg.model.memory_rebuild_samples:
+            log(f"note: model.memory_rebuild_samples asks {cfg.model.memory_rebuild_samples}, but only "
+                f"{len(refill)} good training images are neither held out nor fusion-calibration images")
     if model.fuses:
-        calibration = fusion_calibration_images(split.train, tc.seed)
         q_p, q_d, c = model.calibrate_fusion(to_tensor(load_images(calibration, size, cfg.data.resize), device), cfg.eval.top_k)
         log(f"distance fusion: q_p {q_p:.4g}, q_D {q_d:.4g} (99th percentile), c {c:.4g} (highest score), over "
             f"{len(calibration)} good training images")
     holdout = load_images(split.holdout, size, cfg.data.resize)
     if not len(holdout):
-        return None, None
+        return None, None, refill
     good_scores = image_scores(predict_maps(model, holdout, device), cfg.eval.top_k)
     # every map the model returns is in [0, 1]: a threshold at or above 1 would pass every part
     threshold = threshold_for_false_reject_rate(good_scores, tc.target_false_reject_rate, upper=1.0)
@@ -376,7 +404,72 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device, l
     log(describe_threshold(threshold))
     for line in validation_report(validation):
         log(line)
-    return threshold, validation
+    return threshold, validation, refill
+
+
+AFTER_TRAINING = ("model.distance_fusion", "model.memory_rebuild_samples")
+"""Settings that act only after the last iteration: a finished run can be finished again with them changed."""
+
+
+def finish_again(run: str | Path, out: str | Path, changes: dict[str, Any], log=print) -> Path:
+    """A finished run (its folder or checkpoint) finished again as training finishes (``finish_model``) with
+    ``changes`` (dotted keys of ``AFTER_TRAINING``) applied: what the same command would have trained with
+    them. The weights are copied unchanged; a bank refilled earlier goes back to the memory samples' first;
+    the run's own data split is checked against the checkpoint. Test images are never read. Writes
+    OUT/checkpoint.pt and OUT/config.yaml; returns the checkpoint's path."""
+    run, out = Path(run), Path(out)
+    unknown = sorted(set(changes) - set(AFTER_TRAINING))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} change training itself: train again (only {', '.join(AFTER_TRAINING)} "
+                         "act after the last iteration)")
+    ckpt = read_checkpoint(run / "checkpoint.pt" if run.is_dir() else run)
+    if ckpt.get("threshold") is None:
+        raise ValueError(f"{run}'s checkpoint is not a finished run (no threshold): finish training first")
+    cfg = apply_overrides(MemSegConfig.from_dict(ckpt["config"]), changes)
+    check_config(cfg)
+    model = MemSeg(cfg.model, int(ckpt["image_size"]), weights=None)
+    missing, unexpected = model.load_state_dict(ckpt["model_state"], strict=False)
+    if set(missing) - {"fusion_norm"} or unexpected:
+        raise ValueError(f"{run}: its weights do not fit this model (missing {missing}, unexpected {unexpected})")
+    split = run_split(cfg, discover(cfg.data).train_good)
+    data = dict(ckpt["data"])
+    if ([p.name for p in split.memory] != data["memory_images"]
+            or [p.name for p in split.holdout] != data["holdout_images"]):
+        raise ValueError(f"{run}: the good images under {cfg.data.root} no longer split as they did in training "
+                         "(memory or held-out images differ); this needs the run's own data")
+    if model.memory is not None and data.pop("memory_refill_images", None):
+        model.memory.fill(memory_features(model, load_images(split.memory, cfg.data.image_size, cfg.data.resize), "cpu"))
+    threshold, validation, refill = finish_model(model, cfg, split, AnomalySynthesizer(cfg.synthesis), "cpu", log)
+    if refill:
+        data["memory_refill_images"] = [p.name for p in refill]
+    old = ckpt.get("validation") or {}
+    validation = {**(validation or {}), "history": old.get("history", []), "train_seconds": old.get("train_seconds")}
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    path = save_checkpoint(out / "checkpoint.pt", model, cfg, iteration=int(ckpt["iteration"]), threshold=threshold,
+                           data=data, backbone_weights=ckpt["backbone_weights"], validation=validation,
+                           optimizer=ckpt.get("optimizer"), scheduler=ckpt.get("scheduler"),
+                           train_seconds=ckpt.get("train_seconds"))
+    log(f"checkpoint: {path}")
+    return path
+
+
+@torch.no_grad()
+def memory_features(model: MemSeg, images: np.ndarray, device, batch_size: int = 16) -> list[torch.Tensor]:
+    """What the memory bank stores for ``images`` (uint8 ``[N, H, W, 3]``), computed ``batch_size`` at a time."""
+    parts = [model.memory_features(to_tensor(images[i:i + batch_size], device)) for i in range(0, len(images), batch_size)]
+    return [torch.cat(level) for level in zip(*parts)]
+
+
+def memory_refill_images(split, calibration: list[Path], count: int, seed: int) -> list[Path]:
+    """The images of a bank refilled after training: the memory samples, then a seeded pick of the training
+    images that do not set the fusion normalisers (their distance to the bank must be a stranger's), up to
+    ``count`` in all. Never a held-out image."""
+    skip = set(calibration)
+    pool = [p for p in split.train if p not in skip]
+    extra = max(0, count - len(split.memory))
+    pick = np.random.default_rng(seed).permutation(len(pool))[:extra]
+    return list(split.memory) + [pool[i] for i in sorted(pick)]
 
 
 FUSION_CALIBRATION_IMAGES = 64
