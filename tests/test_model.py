@@ -157,3 +157,31 @@ def test_focal_loss_matches_the_formula_and_l1_uses_one_softmax():
     total, parts = memseg_loss(logits, target)
     assert parts["l1"] == pytest.approx(np.abs(p1 - t).mean(), rel=1e-5)
     assert float(total) == pytest.approx(0.6 * parts["l1"] + 0.4 * expected, rel=1e-5)
+
+
+def test_the_distance_weight_weighs_the_fused_map_and_the_default_is_todays_map():
+    """model.distance_weight w: after calibration the map is ``F / (F + c)`` with
+    ``F = (1 - w) p / q_p + w D / q_D`` (q_p, q_D the 99th percentiles over the calibration images) and c
+    the highest calibration score, so the worst good image scores about 0.5 whatever w is; w = 0.5 gives
+    exactly the normalisers (and maps) of the unweighted fusion."""
+    import numpy as np
+
+    from memseg_edge.scoring import image_scores
+
+    good, other = torch.rand(4, 3, SIZE, SIZE), torch.rand(2, 3, SIZE, SIZE)
+    plain = small_model(distance_fusion=True).eval()
+    q_p, q_d, _ = plain.calibrate_fusion(good, top_k=10)
+    with torch.no_grad():
+        p, d = plain.component_maps(other)
+        for w in (0.5, 0.75, 0.2):
+            model = small_model(distance_fusion=True, distance_weight=w).eval()
+            model.calibrate_fusion(good, top_k=10)
+            if w == 0.5:
+                assert torch.equal(model.fusion_norm, plain.fusion_norm)
+            f = (1 - w) * p / q_p + w * d / q_d
+            c = max(float(np.sort(((1 - w) * pg / q_p + w * dg / q_d).flatten(1).numpy(), 1)[:, -10:].mean(1).max())
+                    for pg, dg in [model.component_maps(good)])
+            # the same map up to one constant factor (which F / (F + c) takes out, c scaling alike)
+            torch.testing.assert_close(model(other), f / (f + c), rtol=1e-5, atol=1e-6)
+            # (a top-k mean of F / (F + c) is at most 0.5 at the worst good image, by concavity)
+            assert 0.49 < float(image_scores(model(good)[:, 0].numpy(), 10).max()) <= 0.5 + 1e-6

@@ -475,8 +475,8 @@ def test_a_memory_refilled_after_training_keeps_its_size_and_never_holds_a_held_
     """model.memory_rebuild_samples: the trained weights are those of the run without it (the refill acts
     after the last iteration); the bank keeps its size (inference costs the same) but now comes from the
     memory samples plus a seeded pick of training images, never a held-out image or one of the images
-    that set the fusion normalisers; the checkpoint lists them. tools/refill_memory.py on the run trained
-    without it gives the same model, and ``--samples 0`` gives the trained bank back bit for bit."""
+    that set the fusion normalisers; the checkpoint lists them. tools/refinish_run.py on the run trained
+    without it gives the same model, and ``--memory-rebuild-samples 0`` gives the trained bank back bit for bit."""
     import subprocess
     import sys
 
@@ -504,22 +504,22 @@ def test_a_memory_refilled_after_training_keeps_its_size_and_never_holds_a_held_
     assert not set(names) & {q.name for q in fusion_calibration_images(split.train, cfg.train.seed)}
     assert r["threshold"]["threshold"] != p["threshold"]["threshold"]
 
-    tool = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "refill_memory.py")]
+    tool = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "refinish_run.py")]
     run = lambda *args: subprocess.run(tool + [str(a) for a in args], capture_output=True, text=True, timeout=600)
-    proc = run(tmp_path / "plain", "--samples", 12, "--out", tmp_path / "added")
+    proc = run(tmp_path / "plain", "--memory-rebuild-samples", 12, "--out", tmp_path / "added")
     assert proc.returncode == 0, proc.stderr
     added = read_checkpoint(tmp_path / "added" / "checkpoint.pt")
     for name, value in r["model_state"].items():
         torch.testing.assert_close(added["model_state"][name], value, rtol=1e-6, atol=1e-7, msg=name)
     assert added["data"]["memory_refill_images"] == names
     assert added["threshold"]["threshold"] == pytest.approx(r["threshold"]["threshold"], rel=1e-6)
-    proc = run(tmp_path / "added", "--samples", 0, "--out", tmp_path / "back")
+    proc = run(tmp_path / "added", "--memory-rebuild-samples", 0, "--out", tmp_path / "back")
     assert proc.returncode == 0, proc.stderr
     back = read_checkpoint(tmp_path / "back" / "checkpoint.pt")
     assert "memory_refill_images" not in back["data"]
     for name, value in p["model_state"].items():
         torch.testing.assert_close(back["model_state"][name], value, rtol=1e-6, atol=1e-7, msg=name)
-    proc = run(tmp_path / "plain", "--samples", 3, "--out", tmp_path / "fewer")
+    proc = run(tmp_path / "plain", "--memory-rebuild-samples", 3, "--out", tmp_path / "fewer")
     assert proc.returncode != 0 and "more than model.memory_samples" in proc.stderr
 
 
@@ -546,3 +546,37 @@ def test_a_memory_refill_that_cannot_work_is_refused_before_training(product_roo
     with pytest.raises(ValueError, match=message):
         train(tiny_config(product_root, **overrides), tmp_path / "run", progress=False, log=lambda *a: None)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, float("nan"), -0.5])
+def test_a_distance_weight_outside_0_1_is_refused_before_training(product_root, tmp_path, weight):
+    with pytest.raises(ValueError, match="distance_weight(: expected a finite| must be in)"):
+        train(tiny_config(product_root, **{"model.distance_weight": weight}), tmp_path / "run", progress=False,
+              log=lambda *a: None)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_refinishing_a_run_with_another_distance_weight_gives_the_run_trained_with_it(product_root, tmp_path):
+    """tools/refinish_run.py --distance-weight: the run the same command trains with that weight (the weight
+    acts after the last iteration only): the same normalisers and threshold, the weights unchanged."""
+    import subprocess
+    import sys
+
+    common = {"model.distance_fusion": True, "train.checkpoint_every": 0}
+    plain = train(tiny_config(product_root, iterations=2, **common), tmp_path / "plain", progress=False, log=lambda *a: None)
+    weighted = train(tiny_config(product_root, iterations=2, **common, **{"model.distance_weight": 0.75}),
+                     tmp_path / "weighted", progress=False, log=lambda *a: None)
+    tool = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "refinish_run.py")]
+    proc = subprocess.run(tool + [str(tmp_path / "plain"), "--distance-weight", "0.75", "--out", str(tmp_path / "re")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    p, w, r = (read_checkpoint(q) for q in (plain, weighted, tmp_path / "re" / "checkpoint.pt"))
+    assert MemSegConfig.from_dict(r["config"]).model.distance_weight == 0.75
+    torch.testing.assert_close(r["model_state"]["fusion_norm"], w["model_state"]["fusion_norm"], rtol=1e-6, atol=0)
+    assert not torch.equal(r["model_state"]["fusion_norm"], p["model_state"]["fusion_norm"])
+    assert r["threshold"]["threshold"] == pytest.approx(w["threshold"]["threshold"], rel=1e-6)
+    for name, value in p["model_state"].items():
+        if name != "fusion_norm":
+            assert torch.equal(value, r["model_state"][name]), name
+    bad = subprocess.run(tool + [str(tmp_path / "plain"), "--out", str(tmp_path / "none")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "nothing to change" in bad.stderr

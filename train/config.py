@@ -72,7 +72,7 @@ class ModelConfig:
     (``memory_patches`` per level, so inference costs the same), before the normalisers and the threshold
     are set. During training an image whose own patches were in the bank would compare with itself; after
     it, more images show the memory more of a product's normal variation. ``0`` (the default): the bank
-    stays as trained. Acts after the last iteration only: ``tools/refill_memory.py`` gives a finished run
+    stays as trained. Acts after the last iteration only: ``tools/refinish_run.py`` gives a finished run
     one without training again."""
     feature_smoothing: int = 3
     """Kernel of a stride-1 average pool over the frozen features (1 = off). The paper is silent; the
@@ -98,6 +98,11 @@ class ModelConfig:
     (BENCHMARKS.md, "Recipe choice: the memory distance fused into the output map"): 0.0105 higher on
     average, most on faint and thin defects; ``False``: the decoder's probability alone (the paper's map).
     Training never sees it, so ``tools/add_distance_fusion.py`` adds it to a run trained without it."""
+    distance_weight: float = 0.5
+    """With ``distance_fusion``: the memory distance's weight ``w`` in the fused map,
+    ``F = (1 - w) p / q_p + w D / q_D``, in (0, 1); 0.5, the default, weighs both alike. It folds into the
+    normalisers (the bundle's ``q_p``, ``q_D`` are the 99th percentiles divided by ``2 (1 - w)`` and ``2 w``),
+    so the graph and every runtime are the same. Acts after training only (``tools/refinish_run.py``)."""
     standardise_images: bool = False
     """Per-image photometric standardisation in front of the encoder: each image's pixels (all three
     channels together, so colour is kept) shifted and scaled to mean ``STANDARD_MEAN`` and standard deviation

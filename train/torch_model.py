@@ -198,7 +198,8 @@ class MemSeg(nn.Module):
                          quantile: float = 0.99) -> tuple[float, float, float]:
         """Set the fusion's constants (``fuse_maps``) from ``images``: good images in [0, 1] that are neither
         memory samples nor the held-out images that choose the threshold. ``q_p``, ``q_D``: the ``quantile``
-        of the pixels of the decoder's map and of the distance map; ``c``: the highest image score (mean of
+        of the pixels of the decoder's map and of the distance map (divided by ``2 (1 - w)`` and ``2 w``,
+        ``w`` = ``ModelConfig.distance_weight``: 1 at the default 0.5); ``c``: the highest image score (mean of
         the ``top_k`` highest pixels) of the unbounded fused map over the images, so the worst good part
         scores about 0.5 and the range where a threshold goes keeps its resolution (with a typical good
         part at 0.5 instead, the decoder's rare false positives on good parts land near 0.98 and the
@@ -217,6 +218,10 @@ class MemSeg(nn.Module):
         self.train(was_training)
         p, d = np.concatenate(ps), np.concatenate(ds)
         q_p, q_d = (max(float(np.percentile(v, 100 * quantile)), 1e-12) for v in (p, d))
+        # ModelConfig.distance_weight w folds into the normalisers: 0.5 (p / q_p' + D / q_D') with
+        # q_p' = q_p / (2 (1 - w)), q_D' = q_D / (2 w) is (1 - w) p / q_p + w D / q_D
+        w = float(self.cfg.distance_weight)
+        q_p, q_d = q_p / (2.0 * (1.0 - w)), q_d / (2.0 * w)
         f = 0.5 * (p / q_p + d / q_d)
         k = min(top_k, f.shape[1])
         c = max(float(np.sort(f, axis=1)[:, -k:].mean(axis=1).max()), 1e-12)

@@ -150,6 +150,9 @@ def check_config(cfg: MemSegConfig) -> list[str]:
         notes.append(f"note: warm-up ({tc.warmup_iterations} iterations) is longer than training "
                      f"({tc.iterations}); the learning rate would never reach {tc.lr:g}, so the warm-up is scaled "
                      f"to {effective_warmup(tc)} iterations (10 % of training)")
+    if not 0.0 < mc.distance_weight < 1.0:
+        raise ValueError(f"model.distance_weight must be in (0, 1) (0.5: the decoder's map and the memory distance "
+                         f"alike; model.distance_fusion: false for the decoder's map alone), found {mc.distance_weight}")
     if mc.memory_rebuild_samples:
         if mc.memory_selection != "patch" or not mc.use_memory:
             raise ValueError("model.memory_rebuild_samples needs model.memory_selection: patch (the other "
@@ -218,10 +221,10 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     if resume is not None:
         ckpt = read_checkpoint(resume)
         saved = MemSegConfig.from_dict(ckpt["config"])
-        # The fusion and the memory refill act after the last iteration only, so a run may be resumed with
-        # either switched (a run started before it existed, say).
-        if (dataclasses.replace(saved.model, distance_fusion=cfg.model.distance_fusion,
-                                memory_rebuild_samples=cfg.model.memory_rebuild_samples) != cfg.model
+        # The fusion, its weight and the memory refill act after the last iteration only, so a run may be
+        # resumed with any of them changed (a run started before it existed, say).
+        if (dataclasses.replace(saved.model, **{k.split(".")[1]: getattr(cfg.model, k.split(".")[1])
+                                                for k in AFTER_TRAINING}) != cfg.model
                 or saved.data.image_size != cfg.data.image_size or saved.data.resize != cfg.data.resize):
             raise ValueError(f"{resume} was trained with a different model, image size or data.resize; resume needs "
                              "the same")
@@ -391,8 +394,10 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
                 f"{len(refill)} good training images are neither held out nor fusion-calibration images")
     if model.fuses:
         q_p, q_d, c = model.calibrate_fusion(to_tensor(load_images(calibration, size, cfg.data.resize), device), cfg.eval.top_k)
-        log(f"distance fusion: q_p {q_p:.4g}, q_D {q_d:.4g} (99th percentile), c {c:.4g} (highest score), over "
-            f"{len(calibration)} good training images")
+        w = cfg.model.distance_weight
+        log(f"distance fusion: q_p {q_p:.4g}, q_D {q_d:.4g} (99th percentile"
+            + (f"s over 2 (1 - w) and 2 w, distance weight w {w:g}" if w != 0.5 else "")
+            + f"), c {c:.4g} (highest score), over {len(calibration)} good training images")
     holdout = load_images(split.holdout, size, cfg.data.resize)
     if not len(holdout):
         return None, None, refill
@@ -407,7 +412,7 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
     return threshold, validation, refill
 
 
-AFTER_TRAINING = ("model.distance_fusion", "model.memory_rebuild_samples")
+AFTER_TRAINING = ("model.distance_fusion", "model.distance_weight", "model.memory_rebuild_samples")
 """Settings that act only after the last iteration: a finished run can be finished again with them changed."""
 
 
