@@ -351,7 +351,8 @@ def test_distance_fusion_is_calibrated_on_training_goods_and_exported_as_compute
     amap, _ = OnnxRuntimeBackend(bundle).infer(images)
     np.testing.assert_allclose(amap[:, 0], fused[:, 0].numpy(), atol=1e-4)
     meta = json.loads((bundle / "model.json").read_text())
-    assert meta["distance_fusion"] == pytest.approx({"q_p": float(q[0]), "q_D": float(q[1]), "c": float(q[2])})
+    assert meta["distance_fusion"] == pytest.approx({"q_p": float(q[0]), "q_D": float(q[1]), "c": float(q[2]),
+                                                     "distance_weight": 0.5})
 
 
 def test_a_checkpoint_saved_before_distance_fusion_keeps_the_map_it_was_made_with(product_root, tmp_path):

@@ -140,7 +140,9 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFA
         **({"memory_patches": [int(b.shape[0]) for b in model.memory.banks()]}
            if cfg["model"]["memory_selection"] == "patch" else {}),
         # the map is the decoder's probability fused with the memory distance (ModelConfig.distance_fusion)
-        "distance_fusion": (dict(zip(("q_p", "q_D", "c"), map(float, model.fusion_norm))) if model.fuses else None),
+        # q_p, q_D with ModelConfig.distance_weight folded in (the graph's constants); the weight for a reader
+        "distance_fusion": ({**dict(zip(("q_p", "q_D", "c"), map(float, model.fusion_norm))),
+                             "distance_weight": float(model.cfg.distance_weight)} if model.fuses else None),
         "memory_subgraph": memory,
         "threshold": ckpt["threshold"],
         "training_list_sha256": ckpt["data"]["training_list_sha256"],
