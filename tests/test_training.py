@@ -364,10 +364,11 @@ def test_a_checkpoint_saved_before_distance_fusion_keeps_the_map_it_was_made_wit
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     del ckpt["config"]["model"]["distance_fusion"]
     del ckpt["config"]["model"]["standardise_images"]
+    del ckpt["config"]["model"]["distance_weight"]
     torch.save(ckpt, tmp_path / "old.pt")
     old, _ = load_model(tmp_path / "old.pt")
     assert old.cfg.distance_fusion is False and not hasattr(old, "fusion_norm")
-    assert old.cfg.standardise_images is False
+    assert old.cfg.standardise_images is False and old.cfg.distance_weight == 0.5
     images = np.random.default_rng(1).integers(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
     model, _ = load_model(path)
     np.testing.assert_array_equal(predict_maps(old, images, "cpu"), predict_maps(model, images, "cpu"))

@@ -99,6 +99,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if isinstance(model_cfg, dict) and "standardise_images" not in model_cfg:
         # saved before model.standardise_images existed: its encoder saw the images as captured
         model_cfg["standardise_images"] = False
+    if isinstance(model_cfg, dict) and "distance_weight" not in model_cfg:
+        # saved before model.distance_weight existed: its normalisers were set for equal weights
+        model_cfg["distance_weight"] = 0.5
     return ckpt
 
 
