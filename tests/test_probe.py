@@ -72,6 +72,50 @@ def test_probe_anomaly_changes_only_the_masked_pixels(kind):
     assert diff.mean() > 3, f"{kind}: a probe defect must be visible, mean change {diff.mean():.2f}"
 
 
+def test_uneven_defects_are_large_faint_edgeless_brightness_changes_inside_the_foreground():
+    """``uneven``: one brightness gain (one sign) over 10-40 %-ish of the part, at most 25 %, fading smoothly
+    to nothing at the mask's edge (no step a plain edge detector would find), pixels outside unchanged."""
+    from memseg_edge.train.probe import uneven_field
+
+    img = np.full((128, 128, 3), 120, np.uint8)
+    fg = np.zeros((128, 128), bool)
+    fg[4:124, 4:124] = True
+    shares = []
+    for seed in range(12):
+        out, mask = probe_anomaly(img, "uneven", fg, np.random.default_rng(seed))
+        assert np.array_equal(out[~mask], img[~mask]) and not (mask & ~fg).any()
+        change = out.astype(int)[..., 0] - 120
+        assert (change[mask] >= 0).all() or (change[mask] <= 0).all()     # one direction
+        assert 120 * 0.12 - 1 <= np.abs(change).max() <= 120 * 0.25 + 1      # faint, yet visible at its peak
+        # no edge of its own: where the mask ends inside the part, the change is at most a few grey levels
+        # (at the part's own edge it may stop short, as an uneven coating does)
+        def shifted(a):
+            p = np.pad(a, 1)
+            return [p[2:, 1:-1], p[:-2, 1:-1], p[1:-1, 2:], p[1:-1, :-2]]
+        inner = np.logical_and.reduce(shifted(fg))
+        border = mask & inner & np.logical_or.reduce([~m for m in shifted(mask)])
+        assert border.any() and np.abs(change[border]).max() <= 3
+        shares.append(mask.sum() / fg.sum())
+        w = uneven_field(fg, np.random.default_rng(seed))
+        assert w.dtype == np.float32 and 0.0 <= w.min() and w.max() == pytest.approx(1.0, abs=1e-3)
+    assert 0.05 <= np.median(shares) <= 0.5 and min(shares) > 0.02, shares
+
+
+def test_extra_kinds_leave_the_default_probe_as_it_was():
+    """The default probe (every figure a recipe was chosen on) draws no uneven defect, and asking for the
+    six kinds explicitly gives the same set bit for bit."""
+    from memseg_edge.train.probe import EXTRA_KINDS
+
+    good = np.stack([_product(s) for s in range(3)])
+    fg = ForegroundConfig(method="threshold", threshold=50, invert=False, open_kernel=0, close_kernel=0)
+    assert "uneven" in EXTRA_KINDS and "uneven" not in PROBE_KINDS
+    a = make_probe_set(good, fg, kinds=tuple(k for k in PROBE_KINDS if k != "texture"), seed=2)
+    b = make_probe_set(good, fg, kinds=tuple(k for k in PROBE_KINDS if k != "texture") + ("uneven",), seed=2)
+    n = len(a.kinds)
+    assert np.array_equal(a.images, b.images[:n]) and np.array_equal(a.masks, b.masks[:n])
+    assert b.kinds[n:] == ["probe-uneven"] * 3
+
+
 def test_texture_kind_needs_textures_and_uses_them(tmp_path):
     import cv2
 

@@ -23,7 +23,8 @@ from memseg_edge.train.checkpoint import load_model
 from memseg_edge.train.config import DataConfig, MemSegConfig
 from memseg_edge.train.datasets import discover, load_images, run_split
 from memseg_edge.train.plots import _contour_image
-from memseg_edge.train.probe import describe_probe, make_probe_set, probe_kinds, run_probe
+from memseg_edge.train.probe import (EXTRA_KINDS, PROBE_KINDS, describe_probe, make_probe_set, probe_kinds,
+                                     run_probe)
 from memseg_edge.train.synthesis import _label, list_textures
 from memseg_edge.train.trainer import predict_maps
 
@@ -48,11 +49,23 @@ def _preview(probe, path: Path, n: int = 8) -> None:
               help="Texture folder for the 'texture' probe kind (without it, that kind is left out).")
 @click.option("--sigmas", default="0,4", show_default=True, help="Map smoothing sigmas to compare, comma-separated.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the probe defects (not of the split).")
+@click.option("--kinds", default=None,
+              help="Probe kinds, comma-separated (default: the six every recipe choice used: "
+                   "stain, shade, smudge, texture, scratch, crack; also: uneven).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--preview", type=click.Path(path_type=Path), default=None, help="PNG strip of probe samples.")
-def main(runs, data, category, textures, sigmas, seed, json_path, preview):
+def main(runs, data, category, textures, sigmas, seed, kinds, json_path, preview):
     sig = [float(s) for s in sigmas.split(",") if s.strip()]
-    kinds = probe_kinds(textures)
+    if kinds is None:
+        kinds = probe_kinds(textures)
+    else:
+        kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
+        unknown = [k for k in kinds if k not in PROBE_KINDS + EXTRA_KINDS]
+        if unknown or not kinds:
+            raise click.BadParameter(f"unknown kind(s) {', '.join(unknown) or '(none given)'}: choose from "
+                                     f"{', '.join(PROBE_KINDS + EXTRA_KINDS)}", param_hint="--kinds")
+        if "texture" in kinds and not textures:
+            raise click.BadParameter("the 'texture' kind needs --textures", param_hint="--kinds")
     tex = list_textures(textures) if textures else []
     results, names_key, probes = {}, None, {}
     for run in runs:

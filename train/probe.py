@@ -17,6 +17,11 @@ and thin, linear defects a few pixels wide:
 - ``scratch``: one or two straight or gently curved lines, 1-3 px wide, lighter or darker than the part;
 - ``crack``:   a jagged random-walk line with a branch, 1-3 px wide, darker than the part.
 
+and, on request only (``EXTRA_KINDS``, so the six kinds' figures above stay comparable):
+
+- ``uneven``:  a large, faint, smooth change of brightness over 10-40 % of the part, fading to nothing at
+  its edge (uneven coating, grinding or lighting of a surface): no edge and no texture of its own.
+
 Opacities and contrasts are deliberately low (subtle defects): with strong ones every trained run
 scores about 1.0 and the probe cannot rank recipes. The choice of family was made from what surface defects look like in general, not from any test image.
 Held-out images are the ones the trainer held out (same seed, same split), so a probe never sees a
@@ -40,6 +45,9 @@ from .synthesis import foreground_mask, texture_source
 BLOB_KINDS: tuple[str, ...] = ("stain", "shade", "smudge", "texture")
 LINE_KINDS: tuple[str, ...] = ("scratch", "crack")
 PROBE_KINDS: tuple[str, ...] = BLOB_KINDS + LINE_KINDS
+"""The default probe: every figure a recipe choice in BENCHMARKS.md was decided on."""
+EXTRA_KINDS: tuple[str, ...] = ("uneven",)
+"""Kinds drawn only when asked for (``make_probe_set(kinds=...)``, ``probe_validation.py --kinds``)."""
 
 
 def probe_kinds(textures) -> tuple[str, ...]:
@@ -141,6 +149,36 @@ def blob_mask(foreground: np.ndarray, rng: np.random.Generator, radius: tuple[fl
     return mask if mask.any() else fg.copy()
 
 
+def uneven_field(foreground: np.ndarray, rng: np.random.Generator, sigma: tuple[float, float] = (0.12, 0.25),
+                 min_pixels: int = 40) -> np.ndarray:
+    """The ``uneven`` kind's weight ``[H, W]`` float32 in [0, 1]: one to three broad Gaussian bumps (each
+    ``sigma`` x the image side, a little elongated) centred on foreground pixels, rescaled so that the
+    weight is 0 where their sum is below half its peak and rises smoothly to 1 at the peak; 0 outside the
+    foreground. Its support (weight > 0) is the defect's mask."""
+    fg = np.asarray(foreground, bool)
+    h, w = fg.shape
+    ys, xs = np.nonzero(fg)
+    if len(ys) < min_pixels:
+        return fg.astype(np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    side = float(min(h, w))
+    field = np.zeros((h, w), np.float32)
+    for _ in range(20):
+        field[:] = 0.0
+        for _ in range(int(rng.integers(1, 4))):
+            i = int(rng.integers(0, len(ys)))
+            s1, s2 = (float(rng.uniform(*sigma)) * side for _ in range(2))
+            a = float(rng.uniform(0, np.pi))
+            u = (xx - xs[i]) * np.cos(a) + (yy - ys[i]) * np.sin(a)
+            v = -(xx - xs[i]) * np.sin(a) + (yy - ys[i]) * np.cos(a)
+            field += np.exp(-0.5 * ((u / s1) ** 2 + (v / s2) ** 2)).astype(np.float32)
+        weight = np.clip((field / field.max() - 0.5) / 0.5, 0.0, 1.0)
+        weight = (weight * (3.0 - 2.0 * weight) * weight).astype(np.float32) * fg  # smoothstep: no edge
+        if (weight > 0).sum() >= min_pixels:
+            return weight
+    return weight
+
+
 def _fill(image: np.ndarray, kind: str, rng: np.random.Generator, textures: Sequence[Path]) -> tuple[np.ndarray, float]:
     """The foreign appearance for ``kind`` (float32 ``[H, W, 3]``) and its opacity."""
     img = image.astype(np.float32)
@@ -165,16 +203,22 @@ def _fill(image: np.ndarray, kind: str, rng: np.random.Generator, textures: Sequ
             raise ValueError("probe kind 'texture' needs a texture folder")
         path = textures[int(rng.integers(0, len(textures)))]
         return texture_source(path, (h, w), rng).astype(np.float32), float(rng.uniform(0.3, 0.7))
-    raise ValueError(f"unknown probe kind {kind!r}: one of {PROBE_KINDS}")
+    raise ValueError(f"unknown probe kind {kind!r}: one of {PROBE_KINDS + EXTRA_KINDS}")
 
 
 def probe_anomaly(image: np.ndarray, kind: str, foreground: np.ndarray, rng: np.random.Generator,
                   textures: Sequence[Path] = ()) -> tuple[np.ndarray, np.ndarray]:
     """A good RGB ``uint8 [H, W, 3]`` image -> (the image with a ``kind`` defect, its bool mask).
     Pixels outside the mask are unchanged."""
+    out = image.astype(np.float32)
+    if kind == "uneven":
+        weight = uneven_field(foreground, rng)
+        gain = float(rng.uniform(0.12, 0.25)) * float(rng.choice([-1.0, 1.0]))
+        out = out * (1.0 + gain * weight[..., None])
+        # the mask is the whole region, faint fringe included, as an inspector outlines an uneven patch
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8), weight > 0
     mask = line_mask(foreground, rng, kind) if kind in LINE_KINDS else blob_mask(foreground, rng)
     appearance, alpha = _fill(image, kind, rng, textures)
-    out = image.astype(np.float32)
     m = mask[..., None]
     out = np.where(m, (1.0 - alpha) * out + alpha * appearance, out)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8), mask
