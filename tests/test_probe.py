@@ -73,9 +73,9 @@ def test_probe_anomaly_changes_only_the_masked_pixels(kind):
 
 
 def test_uneven_defects_are_large_faint_edgeless_brightness_changes_inside_the_foreground():
-    """``uneven``: one brightness gain (one sign) over 10-40 %-ish of the part, at most 25 %, fading smoothly
+    """``uneven``: one brightness gain (one sign, ``UNEVEN_GAIN`` at its peak) over a broad part of the surface, fading smoothly
     to nothing at the mask's edge (no step a plain edge detector would find), pixels outside unchanged."""
-    from memseg_edge.train.probe import uneven_field
+    from memseg_edge.train.probe import UNEVEN_GAIN, uneven_field
 
     img = np.full((128, 128, 3), 120, np.uint8)
     fg = np.zeros((128, 128), bool)
@@ -86,7 +86,7 @@ def test_uneven_defects_are_large_faint_edgeless_brightness_changes_inside_the_f
         assert np.array_equal(out[~mask], img[~mask]) and not (mask & ~fg).any()
         change = out.astype(int)[..., 0] - 120
         assert (change[mask] >= 0).all() or (change[mask] <= 0).all()     # one direction
-        assert 120 * 0.12 - 1 <= np.abs(change).max() <= 120 * 0.25 + 1      # faint, yet visible at its peak
+        assert 120 * UNEVEN_GAIN[0] - 1 <= np.abs(change).max() <= 120 * UNEVEN_GAIN[1] + 1   # the peak's change
         # no edge of its own: where the mask ends inside the part, the change is at most a few grey levels
         # (at the part's own edge it may stop short, as an uneven coating does)
         def shifted(a):

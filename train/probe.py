@@ -19,8 +19,9 @@ and thin, linear defects a few pixels wide:
 
 and, on request only (``EXTRA_KINDS``, so the six kinds' figures above stay comparable):
 
-- ``uneven``:  a large, faint, smooth change of brightness over 10-40 % of the part, fading to nothing at
-  its edge (uneven coating, grinding or lighting of a surface): no edge and no texture of its own.
+- ``uneven``:  a large, smooth change of brightness (25-45 % at its peak) over roughly 5-40 % of the part,
+  fading to nothing at its edge (uneven coating, grinding or lighting of a surface): no edge and no texture
+  of its own. (At 12-25 % every model scored it at chance on both products, which ranks nothing.)
 
 Opacities and contrasts are deliberately low (subtle defects): with strong ones every trained run
 scores about 1.0 and the probe cannot rank recipes. The choice of family was made from what surface defects look like in general, not from any test image.
@@ -47,6 +48,8 @@ LINE_KINDS: tuple[str, ...] = ("scratch", "crack")
 PROBE_KINDS: tuple[str, ...] = BLOB_KINDS + LINE_KINDS
 """The default probe: every figure a recipe choice in BENCHMARKS.md was decided on."""
 EXTRA_KINDS: tuple[str, ...] = ("uneven",)
+UNEVEN_GAIN: tuple[float, float] = (0.25, 0.45)
+"""The ``uneven`` kind's brightness change at its peak (a factor 1 +- gain)."""
 """Kinds drawn only when asked for (``make_probe_set(kinds=...)``, ``probe_validation.py --kinds``)."""
 
 
@@ -213,7 +216,7 @@ def probe_anomaly(image: np.ndarray, kind: str, foreground: np.ndarray, rng: np.
     out = image.astype(np.float32)
     if kind == "uneven":
         weight = uneven_field(foreground, rng)
-        gain = float(rng.uniform(0.12, 0.25)) * float(rng.choice([-1.0, 1.0]))
+        gain = float(rng.uniform(*UNEVEN_GAIN)) * float(rng.choice([-1.0, 1.0]))
         out = out * (1.0 + gain * weight[..., None])
         # the mask is the whole region, faint fringe included, as an inspector outlines an uneven patch
         return np.clip(np.rint(out), 0, 255).astype(np.uint8), weight > 0
