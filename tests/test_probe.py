@@ -253,3 +253,39 @@ def test_probe_precision_compares_a_bundles_variants_on_the_probe(bottle_model, 
         bad = subprocess.run(cmd[:2] + args + ["--data", str(MVTEC), "--category", "bottle"],
                              capture_output=True, text=True, timeout=600)
         assert bad.returncode != 0 and "Error:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_the_brightness_term_ignores_exposure_and_finds_a_broad_bright_patch():
+    """tools/probe_brightness.py's L: the same scene at another exposure gives the same R (it is relative
+    to the image's mean), and a broad brightness change lights L up where it is and not elsewhere."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from probe_brightness import brightness_deviation, relative_brightness
+
+    rng = np.random.default_rng(0)
+    base = np.clip(100 + rng.normal(0, 8, (6, 128, 128, 3)), 0, 255)
+    np.testing.assert_allclose(relative_brightness((base * 1.5).astype(np.uint8)),
+                               relative_brightness(base.astype(np.uint8)), rtol=0.02)
+    memory = base[:5].astype(np.uint8)
+    r = relative_brightness(memory)
+    mu, spread = r.mean(0), r.std(0)
+    test = base[5:].copy()
+    test[0, 20:60, 20:60] *= 1.3
+    lmap = brightness_deviation(test.astype(np.uint8), mu, spread)[0]
+    assert lmap[30:50, 30:50].mean() > 5 * lmap[90:, 90:].mean()
+
+
+def test_probe_brightness_reproduces_the_models_own_map_beside_the_candidate(bottle_model, tmp_path):
+    """tools/probe_brightness.py, the record of candidate U: its F (today's map) scores exactly what
+    tools/probe_validation.py scores for the model itself, and F+L is a different map on the same probe."""
+    run = str(Path(bottle_model["checkpoint"]))
+    out, ref = tmp_path / "bright.json", tmp_path / "ref.json"
+    for tool, extra in (("probe_brightness.py", ["--json", str(out)]),
+                        ("probe_validation.py", ["--sigmas", "0", "--json", str(ref)])):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / tool), run, "--data", str(MVTEC), "--category",
+                               "bottle", *extra], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    (mine,) = json.loads(out.read_text()).values()
+    (theirs,) = json.loads(ref.read_text()).values()
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert mine["F"][key] == pytest.approx(theirs["sigma=0"][key], abs=2e-4), key
+    assert mine["q_L"] > 0 and mine["F+L"]["pixel_auroc"] != mine["F"]["pixel_auroc"]
