@@ -289,3 +289,13 @@ def test_probe_brightness_reproduces_the_models_own_map_beside_the_candidate(bot
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert mine["F"][key] == pytest.approx(theirs["sigma=0"][key], abs=2e-4), key
     assert mine["q_L"] > 0 and mine["F+L"]["pixel_auroc"] != mine["F"]["pixel_auroc"]
+
+
+def test_the_kinds_option_names_its_choices_and_defaults_to_the_six():
+    from memseg_edge.train.probe import parse_kinds
+
+    assert parse_kinds(None, "dtd") == PROBE_KINDS and "texture" not in parse_kinds(None, None)
+    assert parse_kinds(" uneven, crack ", None) == ("uneven", "crack")
+    for bad, message in (("uneven,dent", "dent"), (",", "none given"), ("texture", "texture folder")):
+        with pytest.raises(ValueError, match=message):
+            parse_kinds(bad, None)

@@ -29,7 +29,7 @@ from memseg_edge.scoring import image_scores
 from memseg_edge.train.checkpoint import load_model
 from memseg_edge.train.config import DataConfig, MemSegConfig
 from memseg_edge.train.datasets import discover, load_images, run_split
-from memseg_edge.train.probe import EXTRA_KINDS, PROBE_KINDS, describe_probe, make_probe_set, probe_kinds
+from memseg_edge.train.probe import describe_probe, make_probe_set, parse_kinds
 from memseg_edge.train.synthesis import list_textures
 from memseg_edge.train.trainer import fusion_calibration_images
 
@@ -60,9 +60,10 @@ def brightness_deviation(images: np.ndarray, mu: np.ndarray, spread: np.ndarray)
 @click.option("--seed", default=0, show_default=True, help="Seed of the probe defects.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def main(runs, data, category, textures, kinds, only_brightness, seed, json_path):
-    kinds = probe_kinds(textures) if kinds is None else tuple(k.strip() for k in kinds.split(",") if k.strip())
-    if not kinds or set(kinds) - set(PROBE_KINDS + EXTRA_KINDS):
-        raise click.BadParameter(f"choose from {', '.join(PROBE_KINDS + EXTRA_KINDS)}", param_hint="--kinds")
+    try:
+        kinds = parse_kinds(kinds, textures)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--kinds") from None
     tex = list_textures(textures) if textures else []
     results = {}
     for run in runs:

@@ -23,8 +23,7 @@ from memseg_edge.train.checkpoint import load_model
 from memseg_edge.train.config import DataConfig, MemSegConfig
 from memseg_edge.train.datasets import discover, load_images, run_split
 from memseg_edge.train.plots import _contour_image
-from memseg_edge.train.probe import (EXTRA_KINDS, PROBE_KINDS, describe_probe, make_probe_set, probe_kinds,
-                                     run_probe)
+from memseg_edge.train.probe import describe_probe, make_probe_set, parse_kinds, run_probe
 from memseg_edge.train.synthesis import _label, list_textures
 from memseg_edge.train.trainer import predict_maps
 
@@ -56,16 +55,10 @@ def _preview(probe, path: Path, n: int = 8) -> None:
 @click.option("--preview", type=click.Path(path_type=Path), default=None, help="PNG strip of probe samples.")
 def main(runs, data, category, textures, sigmas, seed, kinds, json_path, preview):
     sig = [float(s) for s in sigmas.split(",") if s.strip()]
-    if kinds is None:
-        kinds = probe_kinds(textures)
-    else:
-        kinds = tuple(k.strip() for k in kinds.split(",") if k.strip())
-        unknown = [k for k in kinds if k not in PROBE_KINDS + EXTRA_KINDS]
-        if unknown or not kinds:
-            raise click.BadParameter(f"unknown kind(s) {', '.join(unknown) or '(none given)'}: choose from "
-                                     f"{', '.join(PROBE_KINDS + EXTRA_KINDS)}", param_hint="--kinds")
-        if "texture" in kinds and not textures:
-            raise click.BadParameter("the 'texture' kind needs --textures", param_hint="--kinds")
+    try:
+        kinds = parse_kinds(kinds, textures)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--kinds") from None
     tex = list_textures(textures) if textures else []
     results, names_key, probes = {}, None, {}
     for run in runs:

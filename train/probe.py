@@ -58,6 +58,21 @@ def probe_kinds(textures) -> tuple[str, ...]:
     return PROBE_KINDS if textures else tuple(k for k in PROBE_KINDS if k != "texture")
 
 
+def parse_kinds(text: str | None, textures) -> tuple[str, ...]:
+    """A ``--kinds`` option (comma-separated; ``None``: the default six, less 'texture' without a texture
+    folder) -> the kinds; ``ValueError`` naming the choices for an unknown one, or 'texture' without textures."""
+    if text is None:
+        return probe_kinds(textures)
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in PROBE_KINDS + EXTRA_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown probe kind(s) {', '.join(unknown) or '(none given)'}: choose from "
+                         f"{', '.join(PROBE_KINDS + EXTRA_KINDS)}")
+    if "texture" in kinds and not textures:
+        raise ValueError("the 'texture' probe kind needs a texture folder (--textures)")
+    return kinds
+
+
 def _polyline_mask(shape: tuple[int, int], points: np.ndarray, width: int) -> np.ndarray:
     mask = np.zeros(shape, np.uint8)
     cv2.polylines(mask, [np.round(points).astype(np.int32).reshape(-1, 1, 2)], False, 1, thickness=int(width),
