@@ -538,6 +538,15 @@ def test_a_run_resumed_after_its_memory_was_refilled_trains_on_with_the_bank_it_
     a, b = (read_checkpoint(q)["model_state"] for q in (full, resumed))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"resume differs: {k}")
+    # finished again without the refill: the trained bank, and the checkpoint says so
+    plain = apply_overrides(cfg, {"model.memory_rebuild_samples": 0})
+    reference = train(plain, tmp_path / "plain", progress=False, log=lambda *a: None)
+    again = train(plain, tmp_path / "full", resume=full, progress=False, log=lambda *a: None)
+    r, g = read_checkpoint(reference), read_checkpoint(again)
+    assert "memory_refill_images" not in g["data"]
+    for k in r["model_state"]:
+        if k.startswith("memory."):
+            torch.testing.assert_close(g["model_state"][k], r["model_state"][k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -270,8 +270,9 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"fusion_norm"}:
             raise ValueError(f"{resume}: its weights do not fit the model (missing {missing}, unexpected {unexpected})")
-        if model.memory is not None and ckpt["data"].get("memory_refill_images") and start_it < tc.iterations:
-            # the bank was refilled after the run's last iteration; training goes on with the bank it trained with
+        if model.memory is not None and ckpt["data"].get("memory_refill_images"):
+            # the bank was refilled after the run's last iteration: training goes on with the bank it trained
+            # with, and the end of the run refills it again only if asked to
             model.memory.fill(memory_features(model, load_images(split.memory, size, cfg.data.resize), device))
     elif model.memory is not None:
         model.memory.fill(memory_features(model, load_images(split.memory, size, cfg.data.resize), device))
