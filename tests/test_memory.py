@@ -210,5 +210,11 @@ def test_patch_bank_refuses_bad_settings():
     with pytest.raises(ValueError, match="at least 1"):
         MemoryBank(SHAPES, 3, "patch", patches=0)
     bank = MemoryBank(SHAPES, 3, "patch", patches=8)
-    with pytest.raises(ValueError, match="do not match"):
-        bank.fill([torch.zeros(2, *s) for s in SHAPES])
+    with pytest.raises(ValueError, match="do not match"):   # other channels
+        bank.fill([torch.zeros(3, s[0] + 1, *s[1:]) for s in SHAPES])
+    small = MemoryBank([(4, 2, 2)], 3, "patch", patches=12)
+    with pytest.raises(ValueError, match="do not match"):   # 2 images hold 8 vectors, the bank 12
+        small.fill([torch.zeros(2, 4, 2, 2)])
+    # more images than the bank was built for (a bank refilled after training): the same size, filled
+    small.fill([torch.arange(5 * 16, dtype=torch.float32).reshape(5, 4, 2, 2)])
+    assert small.banks()[0].shape == (12, 4) and small.banks()[0].abs().sum() > 0
