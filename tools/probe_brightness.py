@@ -26,12 +26,10 @@ import numpy as np
 from probe_fusion import maps_and_distances, scores
 
 from memseg_edge.scoring import image_scores
-from memseg_edge.train.checkpoint import load_model
-from memseg_edge.train.config import DataConfig, MemSegConfig
-from memseg_edge.train.datasets import discover, load_images, run_split
+from memseg_edge.train.datasets import load_images
 from memseg_edge.train.probe import describe_probe, make_probe_set, parse_kinds
 from memseg_edge.train.synthesis import list_textures
-from memseg_edge.train.trainer import fusion_calibration_images
+from memseg_edge.train.trainer import fusion_calibration_images, load_run
 
 SPREAD_FLOOR = 0.02
 """Added to the memory samples' per-position spread of R: a flat region of the memory is not infinitely strict."""
@@ -67,12 +65,10 @@ def main(runs, data, category, textures, kinds, only_brightness, seed, json_path
     tex = list_textures(textures) if textures else []
     results = {}
     for run in runs:
-        model, ckpt = load_model(run / "checkpoint.pt" if run.is_dir() else run)
+        model, ckpt, cfg, split = load_run(run, data, category)
         if model.memory is None:
             raise click.ClickException(f"{run}: the model has no memory step")
-        cfg = MemSegConfig.from_dict(ckpt["config"])
         size = int(ckpt["image_size"])
-        split = run_split(cfg, discover(DataConfig(root=str(data), category=category, image_size=size)).train_good)
         memory_r = relative_brightness(load_images(split.memory, size, cfg.data.resize))
         mu, spread = memory_r.mean(axis=0), memory_r.std(axis=0)
         probe = make_probe_set(load_images(split.holdout, size, cfg.data.resize), cfg.synthesis.foreground, tex,

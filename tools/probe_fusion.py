@@ -23,13 +23,11 @@ import torch
 
 from memseg_edge.scoring import image_scores
 from memseg_edge.train import metrics
-from memseg_edge.train.checkpoint import load_model
-from memseg_edge.train.config import DataConfig, MemSegConfig
-from memseg_edge.train.datasets import discover, load_images, run_split
+from memseg_edge.train.datasets import load_images
 from memseg_edge.train.probe import describe_probe, make_probe_set, probe_kinds
 from memseg_edge.train.synthesis import list_textures
 from memseg_edge.train.torch_model import distance_map
-from memseg_edge.train.trainer import fusion_calibration_images, to_tensor
+from memseg_edge.train.trainer import fusion_calibration_images, load_run, to_tensor
 
 
 @torch.no_grad()
@@ -65,13 +63,10 @@ def main(runs, data, category, textures, calibration, seed, json_path):
     tex = list_textures(textures) if textures else []
     results = {}
     for run in runs:
-        model, ckpt = load_model(run / "checkpoint.pt" if run.is_dir() else run)
+        model, ckpt, cfg, split = load_run(run, data, category)
         if model.memory is None:
             raise click.ClickException(f"{run}: the model has no memory step; F needs one")
-        cfg = MemSegConfig.from_dict(ckpt["config"])
         size = int(ckpt["image_size"])
-        ds = discover(DataConfig(root=str(data), category=category, image_size=size))
-        split = run_split(cfg, ds.train_good)
         pick = fusion_calibration_images(split.train, cfg.train.seed, calibration)
         p_cal, d_cal = maps_and_distances(model, load_images(pick, size, cfg.data.resize))
         q_p, q_d = float(np.percentile(p_cal, 99)), float(np.percentile(d_cal, 99))

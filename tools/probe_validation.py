@@ -19,13 +19,11 @@ import click
 import cv2
 import numpy as np
 
-from memseg_edge.train.checkpoint import load_model
-from memseg_edge.train.config import DataConfig, MemSegConfig
-from memseg_edge.train.datasets import discover, load_images, run_split
+from memseg_edge.train.datasets import load_images
 from memseg_edge.train.plots import _contour_image
 from memseg_edge.train.probe import describe_probe, make_probe_set, parse_kinds, run_probe
 from memseg_edge.train.synthesis import _label, list_textures
-from memseg_edge.train.trainer import predict_maps
+from memseg_edge.train.trainer import load_run, predict_maps
 
 
 def _preview(probe, path: Path, n: int = 8) -> None:
@@ -62,11 +60,7 @@ def main(runs, data, category, textures, sigmas, seed, kinds, json_path, preview
     tex = list_textures(textures) if textures else []
     results, names_key, probes = {}, None, {}
     for run in runs:
-        ckpt_path = run / "checkpoint.pt" if run.is_dir() else run
-        model, ckpt = load_model(ckpt_path)
-        cfg = MemSegConfig.from_dict(ckpt["config"])
-        ds = discover(DataConfig(root=str(data), category=category, image_size=ckpt["image_size"]))
-        split = run_split(cfg, ds.train_good)
+        model, ckpt, cfg, split = load_run(run, data, category)
         names = tuple(p.name for p in split.holdout)
         if names_key is None:
             names_key = names

@@ -270,7 +270,8 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"fusion_norm"}:
             raise ValueError(f"{resume}: its weights do not fit the model (missing {missing}, unexpected {unexpected})")
-        if model.memory is not None and ckpt["data"].get("memory_refill_images"):
+        if (model.memory is not None and ckpt["data"].get("memory_refill_images")
+                and (start_it < tc.iterations or not cfg.model.memory_rebuild_samples)):
             # the bank was refilled after the run's last iteration: training goes on with the bank it trained
             # with, and the end of the run refills it again only if asked to
             model.memory.fill(memory_features(model, load_images(split.memory, size, cfg.data.resize), device))
@@ -413,6 +414,20 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
     return threshold, validation, refill
 
 
+def load_run(run: str | Path, data_root: str | Path, category: str):
+    """A run (its folder or checkpoint) and how its good images under ``data_root``/``category`` split
+    (memory, held-out, training), as the tools that score a run on its own held-out images need them:
+    -> (model in eval mode, checkpoint dict, config, split)."""
+    from .checkpoint import load_model
+    from .config import DataConfig
+
+    run = Path(run)
+    model, ckpt = load_model(run / "checkpoint.pt" if run.is_dir() else run)
+    cfg = MemSegConfig.from_dict(ckpt["config"])
+    data = discover(DataConfig(root=str(data_root), category=category, image_size=int(ckpt["image_size"])))
+    return model, ckpt, cfg, run_split(cfg, data.train_good)
+
+
 AFTER_TRAINING = ("model.distance_fusion", "model.distance_weight", "model.memory_rebuild_samples")
 """Settings that act only after the last iteration: a finished run can be finished again with them changed."""
 
@@ -443,7 +458,7 @@ def finish_again(run: str | Path, out: str | Path, changes: dict[str, Any], log=
             or [p.name for p in split.holdout] != data["holdout_images"]):
         raise ValueError(f"{run}: the good images under {cfg.data.root} no longer split as they did in training "
                          "(memory or held-out images differ); this needs the run's own data")
-    if model.memory is not None and data.pop("memory_refill_images", None):
+    if data.pop("memory_refill_images", None) and model.memory is not None and not cfg.model.memory_rebuild_samples:
         model.memory.fill(memory_features(model, load_images(split.memory, cfg.data.image_size, cfg.data.resize), "cpu"))
     threshold, validation, refill = finish_model(model, cfg, split, AnomalySynthesizer(cfg.synthesis), "cpu", log)
     if refill:
