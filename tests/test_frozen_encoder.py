@@ -41,7 +41,8 @@ def assert_bank_holds(memory, reference: list[torch.Tensor], tol: float = 0.0) -
 @pytest.mark.parametrize("selection", ["sum", "patch"])
 def test_frozen_encoder_is_in_inference_mode_from_construction_whatever_the_caller_does(selection):
     torch.manual_seed(0)
-    model = MemSeg(ModelConfig(backbone="mobilenet_v2", memory_samples=4, memory_selection=selection), SIZE,
+    model = MemSeg(ModelConfig(backbone="mobilenet_v2", memory_samples=4, memory_selection=selection,
+                               standardise_images=False), SIZE,
                    weights=None)
     assert model.training  # a new nn.Module is in training mode ...
     # ... but nothing in the frozen part can use batch statistics: there is no BatchNorm left in it.
@@ -149,7 +150,8 @@ def test_a_truncated_checkpoint_says_so(tmp_path):
 @pytest.mark.parametrize("stem_skip", [True, False])
 def test_the_decoder_takes_the_frozen_stem_as_its_stride_2_skip(stem_skip):
     torch.manual_seed(0)
-    model = MemSeg(ModelConfig(backbone="resnet18", memory_samples=2, stem_skip=stem_skip), SIZE, weights=None)
+    model = MemSeg(ModelConfig(backbone="resnet18", memory_samples=2, stem_skip=stem_skip,
+                               standardise_images=False), SIZE, weights=None)
     model.memory.fill(model.memory_features(torch.rand(2, 3, SIZE, SIZE)))
     first = model.decoder.convs[3][0][0]  # the stride-2 stage's first convolution
     width = model.decoder.ups[3][0].out_channels
@@ -167,7 +169,8 @@ def test_skip_features_are_sharp_and_only_the_comparison_is_smoothed():
     x = torch.rand(1, 3, SIZE, SIZE)
     captured = {}
     for smooth in (False, True):
-        model = MemSeg(ModelConfig(backbone="mobilenet_v2", memory_samples=2, smooth_skip_features=smooth), SIZE,
+        model = MemSeg(ModelConfig(backbone="mobilenet_v2", memory_samples=2, smooth_skip_features=smooth,
+                                   standardise_images=False), SIZE,
                        weights=None)
         model.memory.fill(model.memory_features(torch.rand(2, 3, SIZE, SIZE)))
         model.fusion.register_forward_hook(lambda m, i, o, s=smooth: captured.__setitem__(s, i[0][0]))

@@ -17,7 +17,8 @@ SIZE = 64
 
 def small_model(**kw) -> MemSeg:
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone=kw.pop("backbone", "mobilenet_v2"), memory_samples=3, **kw)
+    cfg = ModelConfig(backbone=kw.pop("backbone", "mobilenet_v2"), memory_samples=3,
+                      standardise_images=kw.pop("standardise_images", False), **kw)
     model = MemSeg(cfg, SIZE, weights=None)
     if model.memory is not None:
         model.memory.fill(model.memory_features(torch.rand(3, 3, SIZE, SIZE)))

@@ -39,7 +39,7 @@ def main(backbone, backbone_weights, image_size, batch, rounds, threads, inferen
     models = {}
     for selection in ("sum", "patch"):
         cfg = MemSegConfig().model
-        cfg.backbone, cfg.memory_selection = backbone, selection
+        cfg.backbone, cfg.memory_selection, cfg.standardise_images = backbone, selection, False
         torch.manual_seed(0)
         model = MemSeg(cfg, image_size, weights=backbone_weights)
         model.memory.fill(model.memory_features(torch.rand(cfg.memory_samples, 3, image_size, image_size)))

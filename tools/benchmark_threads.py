@@ -44,6 +44,7 @@ def _model(image_size: int):
     cfg = MemSegConfig().model
     cfg.backbone = "mobilenet_v2"
     cfg.memory_samples = 8
+    cfg.standardise_images = False
     model = MemSeg(cfg, image_size, weights="none")
     import torch
 

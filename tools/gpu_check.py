@@ -580,7 +580,8 @@ def make_split_bundle(work: Path, run: Run) -> Path:
     torch.manual_seed(0)
     cfg = apply_overrides(MemSegConfig(), {"data.image_size": 64, "model.backbone": "mobilenet_v2",
                                            "model.backbone_weights": "none", "model.memory_samples": 8,
-                                           "model.memory_selection": "sum"})  # the fused kernel's step
+                                           "model.memory_selection": "sum",
+                                           "model.standardise_images": False})  # the fused kernel's step
     model = MemSeg(cfg.model, 64, weights=None).eval()
     images = torch.rand(8, 3, 64, 64)
     model.memory.fill(model.memory_features(images))
@@ -777,7 +778,8 @@ def section_model(run: Run, state: dict[str, Any]) -> dict[str, Any]:
     models = {}
     for backbone in SHAPES:
         cfg = apply_overrides(MemSegConfig(), {"model.backbone": backbone, "model.backbone_weights": "none",
-                                               "data.image_size": 256, "model.memory_selection": "sum"})
+                                               "data.image_size": 256, "model.memory_selection": "sum",
+                                               "model.standardise_images": False})
         model = MemSeg(cfg.model, 256, weights=None).eval()
         got = [tuple(b.shape[1:]) for b in model.memory.banks()]
         if got != list(SHAPES[backbone]):

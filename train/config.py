@@ -103,15 +103,18 @@ class ModelConfig:
     ``F = (1 - w) p / q_p + w D / q_D``, in (0, 1); 0.5, the default, weighs both alike. It folds into the
     normalisers (the bundle's ``q_p``, ``q_D`` are the 99th percentiles divided by ``2 (1 - w)`` and ``2 w``),
     so the graph and every runtime are the same. Acts after training only (``tools/refinish_run.py``)."""
-    standardise_images: bool = False
+    standardise_images: bool | str = "auto"
     """Per-image photometric standardisation in front of the encoder: each image's pixels (all three
     channels together, so colour is kept) shifted and scaled to mean ``STANDARD_MEAN`` and standard deviation
     ``STANDARD_STD`` (ImageNet's averages), so that a part photographed brighter or darker, or with more or
     less contrast, reaches the encoder and the memory bank alike. Part of the model's graph: exported with
-    it, every runtime does it. ``False`` (the default): the image as captured (the paper). Not the default
-    because a default must hold on every product: on the defect probe it raised magnetic_tile's mean
-    0.9320 -> 0.9422 and lowered bottle's 0.9682 -> 0.9592 (BENCHMARKS.md, "per-image photometric
-    standardisation"); decide it on your product's probe."""
+    it, every runtime does it. ``False``: the image as captured (the paper). ``"auto"`` (the default): the
+    trainer decides from the run's own good training images: on when their exposure varies (the 95th
+    percentile of the images' mean grey level over the 5th above ``EXPOSURE_SPREAD_LIMIT``), off for a product
+    under one light; the run's config and checkpoint record the true / false it chose. Chosen on the defect
+    probe of both products (BENCHMARKS.md, "exposure standardised where the good images' exposure varies"):
+    standardisation raised magnetic_tile's probe (spread 2.66) with both seeds and lowered bottle's (spread
+    1.03), so neither always-on nor always-off holds for both."""
     use_memory: bool = True
     use_multiscale: bool = True
     use_spatial_attention: bool = True

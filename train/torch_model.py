@@ -154,6 +154,10 @@ class MemSeg(nn.Module):
         super().__init__()
         if image_size % 32:
             raise ValueError(f"image size must be a multiple of 32 (the encoder's stride), found {image_size}")
+        if not isinstance(cfg.standardise_images, bool):
+            # "auto" is the trainer's to decide from the training images (trainer.decide_standardise)
+            raise ValueError(f"model.standardise_images must be true or false to build a model, found "
+                             f"{cfg.standardise_images!r}")
         self.cfg = cfg
         self.image_size = image_size
         self.encoder = Encoder(cfg.backbone, weights)

@@ -150,6 +150,8 @@ def check_config(cfg: MemSegConfig) -> list[str]:
         notes.append(f"note: warm-up ({tc.warmup_iterations} iterations) is longer than training "
                      f"({tc.iterations}); the learning rate would never reach {tc.lr:g}, so the warm-up is scaled "
                      f"to {effective_warmup(tc)} iterations (10 % of training)")
+    if not (isinstance(mc.standardise_images, bool) or mc.standardise_images == "auto"):
+        raise ValueError(f"model.standardise_images must be true, false or auto, found {mc.standardise_images!r}")
     if not 0.0 < mc.distance_weight < 1.0:
         raise ValueError(f"model.distance_weight must be in (0, 1) (0.5: the decoder's map and the memory distance "
                          f"alike; model.distance_fusion: false for the decoder's map alone), found {mc.distance_weight}")
@@ -169,6 +171,33 @@ def check_config(cfg: MemSegConfig) -> list[str]:
             "--no-textures to train with the structure source only")
     AnomalySynthesizer(cfg.synthesis)  # checks the synthesis settings and lists the textures
     return notes
+
+
+EXPOSURE_SPREAD_LIMIT = 1.25
+"""``model.standardise_images: auto`` turns standardisation on when the good training images' exposure spread
+(``exposure_spread``) is above this: a typical good image a quarter brighter than another. Set from the two
+products before any model figure (bottle 1.03, magnetic_tile 2.66; BENCHMARKS.md, "exposure standardised
+where the good images' exposure varies")."""
+
+
+def exposure_spread(images: np.ndarray) -> tuple[float, float, float]:
+    """RGB uint8 images ``[N, H, W, 3]`` -> the 5th and 95th percentiles of their mean grey level (in [0, 1])
+    and the spread, their ratio (each + 1/255, so black images stay finite)."""
+    grey = np.array([float(img.mean()) / 255.0 for img in images])
+    low, high = (float(v) for v in np.percentile(grey, [5, 95]))
+    return low, high, (high + 1 / 255) / (low + 1 / 255)
+
+
+def decide_standardise(images: np.ndarray, log=print) -> bool:
+    """``model.standardise_images: auto`` on a run's good training images: standardise when their exposure
+    varies more than ``EXPOSURE_SPREAD_LIMIT``; the log says what was measured and chosen."""
+    low, high, spread = exposure_spread(images)
+    on = spread > EXPOSURE_SPREAD_LIMIT
+    log(f"exposure: the {len(images)} training images' mean grey level spans {low:.3f}-{high:.3f} (5th-95th "
+        f"percentile), a spread of {spread:.2f}x: model.standardise_images auto -> {str(on).lower()} "
+        + (f"(above {EXPOSURE_SPREAD_LIMIT}x: each image is brought to one exposure)" if on else
+           f"(at most {EXPOSURE_SPREAD_LIMIT}x: images as captured)"))
+    return on
 
 
 def effective_warmup(tc) -> int:
@@ -223,8 +252,11 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         saved = MemSegConfig.from_dict(ckpt["config"])
         # The fusion, its weight and the memory refill act after the last iteration only, so a run may be
         # resumed with any of them changed (a run started before it existed, say).
-        if (dataclasses.replace(saved.model, **{k.split(".")[1]: getattr(cfg.model, k.split(".")[1])
-                                                for k in AFTER_TRAINING}) != cfg.model
+        # model.standardise_images: auto goes on as the run decided when it started
+        asked = (cfg.model if cfg.model.standardise_images != "auto"
+                 else dataclasses.replace(cfg.model, standardise_images=saved.model.standardise_images))
+        if (dataclasses.replace(saved.model, **{k.split(".")[1]: getattr(asked, k.split(".")[1])
+                                                for k in AFTER_TRAINING}) != asked
                 or saved.data.image_size != cfg.data.image_size or saved.data.resize != cfg.data.resize):
             raise ValueError(f"{resume} was trained with a different model, image size or data.resize; resume needs "
                              "the same")
@@ -247,6 +279,11 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         raise ValueError(f"{resume} split its good images into memory, held-out and training images otherwise "
                          "(train.seed, data.split_seed, data.holdout_fraction or model.memory_samples differ); "
                          f"resume with the run's own configuration: --config {Path(resume).parent / 'config.yaml'}")
+    size = cfg.data.image_size
+    train_images = load_images(split.train, size, cfg.data.resize)
+    if cfg.model.standardise_images == "auto":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, standardise_images=(
+            saved.model.standardise_images if ckpt is not None else decide_standardise(train_images, log))))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
@@ -256,8 +293,6 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
 
     for note in notes:
         log(note)
-    size = cfg.data.image_size
-    train_images = load_images(split.train, size, cfg.data.resize)
     if cfg.synthesis.foreground.method != "none":
         for line in foreground_report(foreground_shares(train_images, cfg.synthesis.foreground),
                                       [p.name for p in split.train]):
