@@ -105,3 +105,4 @@ def test_the_default_decides_the_two_real_products_as_the_recipe_choice_did(root
     magnetic_tile standardised, each from its own training images (held-out and test images are not read)."""
     require(root / category / "train" / "good", f"{category} images")
     assert decide_standardise(_split_training_images(root, category, 64), log=lambda *a: None) is on
+
