@@ -69,7 +69,8 @@ def greedy_coreset(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
 def main(data, category, backbone, backbone_weights, image_size, subset, coreset, sigma, json_path):
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = MemSeg(ModelConfig(backbone=backbone, use_memory=False, standardise_images=False), image_size, weights=backbone_weights).eval()
+    model = MemSeg(ModelConfig(backbone=backbone, use_memory=False, standardise_images=False), image_size,
+                   weights=backbone_weights).eval()
     ds = discover(DataConfig(root=data, category=category))
     train = load_images(ds.train_good, image_size)
     feats = patch_features(model, train)
