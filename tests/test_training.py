@@ -2,6 +2,7 @@
 resume, and the data split (memory samples and held-out images never train)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -67,7 +68,11 @@ def test_checkpoint_round_trip_loads_with_weights_only_and_predicts_the_same(pro
         assert key in ckpt, key
     assert ckpt["threshold"]["rule"].startswith("expected false-reject rate")
     assert len(ckpt["data"]["training_list_sha256"]) == 64
-    assert MemSegConfig.from_dict(ckpt["config"]) == cfg
+    # the config as given, with model.standardise_images: auto resolved to the plain choice the trainer made
+    saved = MemSegConfig.from_dict(ckpt["config"])
+    assert cfg.model.standardise_images == "auto" and isinstance(saved.model.standardise_images, bool)
+    assert saved == dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, standardise_images=saved.model.standardise_images))
     model, _ = load_model(path)
     images = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     again, _ = load_model(read_checkpoint(path))
