@@ -252,11 +252,11 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         saved = MemSegConfig.from_dict(ckpt["config"])
         # The fusion, its weight and the memory refill act after the last iteration only, so a run may be
         # resumed with any of them changed (a run started before it existed, say).
-        # model.standardise_images: auto goes on as the run decided when it started
-        asked = (cfg.model if cfg.model.standardise_images != "auto"
-                 else dataclasses.replace(cfg.model, standardise_images=saved.model.standardise_images))
-        if (dataclasses.replace(saved.model, **{k.split(".")[1]: getattr(asked, k.split(".")[1])
-                                                for k in AFTER_TRAINING}) != asked
+        if cfg.model.standardise_images == "auto":  # goes on as the run decided when it started
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, standardise_images=saved.model.standardise_images))
+        if (dataclasses.replace(saved.model, **{k.split(".")[1]: getattr(cfg.model, k.split(".")[1])
+                                                for k in AFTER_TRAINING}) != cfg.model
                 or saved.data.image_size != cfg.data.image_size or saved.data.resize != cfg.data.resize):
             raise ValueError(f"{resume} was trained with a different model, image size or data.resize; resume needs "
                              "the same")
@@ -281,9 +281,9 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
                          f"resume with the run's own configuration: --config {Path(resume).parent / 'config.yaml'}")
     size = cfg.data.image_size
     train_images = load_images(split.train, size, cfg.data.resize)
-    if cfg.model.standardise_images == "auto":
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, standardise_images=(
-            saved.model.standardise_images if ckpt is not None else decide_standardise(train_images, log))))
+    if cfg.model.standardise_images == "auto":  # a new run (a resumed one took its own choice above)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, standardise_images=decide_standardise(train_images, log)))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
