@@ -416,15 +416,19 @@ def test_a_flooding_station_does_not_get_a_polite_stations_frames_dropped(tmp_pa
         polite_done = threading.Event()
         frame = fr.encode(grey(70), "bgr8", "flood", 0)
 
+        flooder = line.station()
+
         def flood():
-            s = line.station()
+            # several times what the runtime can judge (100 frames/s): a flood, without the thousands of queued
+            # frames of the first version of this test, which once lost its last four on CI (closed right after
+            # the flood; where ZeroMQ lost them was not pinned down)
             while not polite_done.is_set():
                 try:   # never block in send: a PUSH closed right after a send that waited at its HWM loses it
-                    s.send_multipart([header(sent["flood"], "flood"), frame[1]], flags=zmq.NOBLOCK)
+                    flooder.send_multipart([header(sent["flood"], "flood"), frame[1]], flags=zmq.NOBLOCK)
                     sent["flood"] += 1
+                    time.sleep(0.001)
                 except zmq.Again:
                     time.sleep(0.001)
-            s.close(linger=30000)      # every frame sent reaches the runtime
 
         ft = threading.Thread(target=flood)
         ft.start()
@@ -435,7 +439,9 @@ def test_a_flooding_station_does_not_get_a_polite_stations_frames_dropped(tmp_pa
         polite_done.set()
         ft.join()
         total = sent["flood"] + 15
+        # the flooder stays connected until every verdict is in: no frame depends on a closing socket's linger
         got = collect(line.listener, total, timeout=60)     # the listener queues them meanwhile (RCVHWM 100000)
+        flooder.close(linger=0)
         listener = line.listener
     stats = line.stats
     polite_verdicts = [v for v in got if v["camera"] == "polite"]
@@ -443,8 +449,8 @@ def test_a_flooding_station_does_not_get_a_polite_stations_frames_dropped(tmp_pa
     assert all(v["verdict"] == "PASS" for v in polite_verdicts), [v.get("error") for v in polite_verdicts]
     flood_ids = sorted(v["frame_id"] for v in got if v["camera"] == "flood")
     assert flood_ids == list(range(sent["flood"])), (sorted(set(range(sent["flood"])) - set(flood_ids)), sent,
-                                                     listener.report.summary(), stats)
-    assert stats["dropped"] > 0 and len(got) == total == stats["received"]
+                                                     listener.report.summary(), stats.get("events"), stats)
+    assert sent["flood"] > 300 and stats["dropped"] > 0 and len(got) == total == stats["received"]
 
 
 # ------------------------------------------------------------------------------------------------
