@@ -379,6 +379,29 @@ def test_a_checkpoint_saved_before_distance_fusion_keeps_the_map_it_was_made_wit
     np.testing.assert_array_equal(predict_maps(old, images, "cpu"), predict_maps(model, images, "cpu"))
 
 
+def test_a_checkpoint_made_with_the_previous_feature_smoothing_keeps_it(product_root, tmp_path):
+    """The default changed from 3x3 smoothing before the memory step to none (BENCHMARKS.md, K). A run trained
+    with 3 (every checkpoint before the change) loads with 3 and gives the maps its threshold was chosen on;
+    a new run gets no smoothing, and the two models' maps differ (the setting is not a no-op)."""
+    assert MemSegConfig().model.feature_smoothing == 1
+    old_path = train(tiny_config(product_root, iterations=2, **{"model.feature_smoothing": 3}), tmp_path / "old",
+                     progress=False, log=lambda *a: None)
+    new_path = train(tiny_config(product_root, iterations=2), tmp_path / "new", progress=False, log=lambda *a: None)
+    old, _ = load_model(old_path)
+    new, _ = load_model(new_path)
+    assert old.cfg.feature_smoothing == 3 and isinstance(old.smooth, torch.nn.AvgPool2d) and old.smooth.kernel_size == 3
+    assert new.cfg.feature_smoothing == 1 and isinstance(new.smooth, torch.nn.Identity)
+    images = np.random.default_rng(2).integers(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
+    again, _ = load_model(old_path)
+    np.testing.assert_array_equal(predict_maps(old, images, "cpu"), predict_maps(again, images, "cpu"))
+    # the same weights with the smoothing taken away give other maps: what the checkpoint's 3 protects
+    ckpt = torch.load(old_path, map_location="cpu", weights_only=True)
+    ckpt["config"]["model"]["feature_smoothing"] = 1
+    torch.save(ckpt, tmp_path / "stripped.pt")
+    stripped, _ = load_model(tmp_path / "stripped.pt")
+    assert np.abs(predict_maps(stripped, images, "cpu") - predict_maps(old, images, "cpu")).max() > 1e-4
+
+
 def test_adding_distance_fusion_to_a_run_gives_the_run_trained_with_it(product_root, tmp_path):
     """tools/add_distance_fusion.py finishes a run as training would with the fusion on: the same
     normalisers, threshold and maps as the same command trained with ``model.distance_fusion: true``
