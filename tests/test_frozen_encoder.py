@@ -64,9 +64,9 @@ def test_frozen_encoder_is_in_inference_mode_from_construction_whatever_the_call
         torch.testing.assert_close(a, b[:1], rtol=1e-5, atol=1e-6)
 
 
-def _torchvision_eval_features(weights: Path, images: torch.Tensor) -> list[torch.Tensor]:
+def _torchvision_eval_features(weights: Path, images: torch.Tensor, smoothing: int) -> list[torch.Tensor]:
     """An independent reference: torchvision's MobileNetV2 in eval mode with the same weights, cut at the
-    same block boundaries, smoothed with the same 3x3 average pool."""
+    same block boundaries, smoothed with the model's ``model.feature_smoothing`` average pool (1: none)."""
     net = torchvision.models.mobilenet_v2(weights=None)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     net.load_state_dict({k: v for k, v in state.items() if not k.startswith("classifier.")}, strict=False)
@@ -74,7 +74,8 @@ def _torchvision_eval_features(weights: Path, images: torch.Tensor) -> list[torc
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     x = (images - mean) / std
-    pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+    pool = (nn.AvgPool2d(smoothing, stride=1, padding=smoothing // 2, count_include_pad=False) if smoothing > 1
+            else nn.Identity())
     feats = []
     with torch.no_grad():
         x = net.features[:4](x)
@@ -115,7 +116,7 @@ def test_memory_bank_equals_inference_features_and_imagenet_statistics_survive_t
     names = ckpt["data"]["memory_images"]
     paths = [MVTEC / "bottle" / "train" / "good" / n for n in names]
     images = torch.from_numpy(load_images(paths, ckpt["image_size"])).permute(0, 3, 1, 2).float() / 255.0
-    reference = _torchvision_eval_features(MOBILENET_WEIGHTS, images)
+    reference = _torchvision_eval_features(MOBILENET_WEIGHTS, images, model.cfg.feature_smoothing)
     assert_bank_holds(model.memory, reference, tol=1e-4)
 
 
