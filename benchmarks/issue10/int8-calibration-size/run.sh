@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 set -ex
-cd /work/main
+cd "$(dirname "$0")/../../.."   # the repository root
 lane() {
   p=$1; root=$2; d=runs/int8-c/$p; rm -rf $d; mkdir -p $d runs/int8-c/probe
   cp runs/k/$p-default/bundle/model.onnx runs/k/$p-default/bundle/model.json $d/
