@@ -30,8 +30,15 @@ Some parts of the graph stay in float (``kept_fp32_nodes``; the same plan serves
   beside them. The memory step measures each feature against a bank filled with float features, and a
   feature close to its nearest bank vector has a difference as small as INT8's rounding of it: with the
   encoder in INT8 the differences of good parts moved 32-36 % (magnetic_tile). The encoder is ~15 % of
-  the model's convolution work (MobileNetV2, 256 px); the fusion and decoder convolutions stay INT8.
+  the model's convolution work (MobileNetV2, 256 px).
   Chosen on the defect probe of both products (BENCHMARKS.md, "INT8 choice").
+* ``fusion`` (INT8 only): the multi-scale feature fusion (``FUSION_PREFIX``), whose first convolutions
+  read the features concatenated with the memory step's differences and whose outputs are weighted by
+  its spatial attention. Its ranges are calibrated on good parts, where a defect's differences never
+  appear; in INT8 it cost the bottle default model 0.0045 probe AUPRO, in float 0.0017, for 13 % of the
+  multiply-adds (INT8 keeps 68 % of them). Chosen on the defect probe of both products against keeping
+  only those first convolutions, or the decoder's full-resolution end, in float (BENCHMARKS.md, "INT8
+  choice: which part of the network stays in float").
 * ``ill_conditioned``: weighted ops with an output channel whose weights are far larger than the
   layer's others (``ill_conditioned_ops``), and everything upstream of them. ImageNet MobileNetV2 has
   one in its first stage (a channel ~80x its neighbours after batch-norm folding); with it in INT8 the
@@ -72,7 +79,10 @@ MAX_IR_VERSION = 10
 """onnxruntime 1.31 refuses IR versions above 10 (onnx 1.23 helpers write 14)."""
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 """Ops that carry learned weights: the boundaries of the kept-in-float regions."""
-KEPT_GROUPS = ("input", "memory", "memory_derived", "encoder", "output", "ill_conditioned", "user")
+KEPT_GROUPS = ("input", "memory", "memory_derived", "encoder", "fusion", "output", "ill_conditioned", "user")
+FUSION_PREFIX = "/model/fusion/"
+"""Node-name prefix of the multi-scale feature fusion (``MultiScaleFusion``, module ``fusion`` of every
+exported MemSeg, whatever its backbone): kept in float by the INT8 plan (the ``fusion`` group)."""
 GAIN_RATIO = 32.0
 """``ill_conditioned_ops``: a channel 32x above the layer's median keeps about 3 of the input's 8 bits."""
 _CHUNK = 8  # calibration images whose activations are held in memory at once
@@ -154,14 +164,15 @@ def ill_conditioned_ops(model, gain_ratio: float = GAIN_RATIO) -> list[str]:
 
 
 def kept_fp32_nodes(model, prefix: str, keep_fp32: Iterable[str] | None = None,
-                    gain_ratio: float | None = GAIN_RATIO, encoder: bool = False) -> dict[str, list[str]]:
+                    gain_ratio: float | None = GAIN_RATIO, encoder: bool = False,
+                    fusion: bool = False) -> dict[str, list[str]]:
     """Names of the nodes that stay in float, by group (see the module docstring). Constant nodes are
     left out (they compute nothing). Every node must have a name (``_name_nodes``).
 
     Selection is structural: the graph input's reach up to the first weighted op, the memory prefix,
     the memory outputs' reach up to the next weighted ops, the graph outputs' ancestors back to the last
-    weighted op, with ``encoder`` every node that is not downstream of the memory step, and the user's
-    prefixes. Raises ``ValueError`` when the memory subgraph is absent or a
+    weighted op, with ``encoder`` every node that is not downstream of the memory step, with ``fusion``
+    the nodes named ``FUSION_PREFIX*``, and the user's prefixes. Raises ``ValueError`` when the memory subgraph is absent or a
     user prefix matches no node."""
     graph = model.graph
     nodes = list(graph.node)
@@ -227,6 +238,10 @@ def kept_fp32_nodes(model, prefix: str, keep_fp32: Iterable[str] | None = None,
         # the op and everything upstream of it: its input must not be rounded either
         ill = upstream(deque(index[name] for name in ill_conditioned_ops(model, gain_ratio)))
 
+    fused: set[int] = set()
+    if fusion:
+        fused = {i for i, n in enumerate(nodes) if n.name.startswith(FUSION_PREFIX)}
+
     user: set[int] = set()
     for p in keep_fp32 or []:
         hit = {i for i, n in enumerate(nodes) if n.name.startswith(p)}
@@ -236,7 +251,8 @@ def kept_fp32_nodes(model, prefix: str, keep_fp32: Iterable[str] | None = None,
         user |= hit
 
     groups = {"input": inputs, "memory": memory, "memory_derived": derived - memory,
-              "encoder": encoder_side - inputs - ill, "output": outputs - memory - derived,
+              "encoder": encoder_side - inputs - ill, "fusion": fused - memory - derived,
+              "output": outputs - memory - derived,
               "ill_conditioned": ill - inputs - memory, "user": user}
     return {k: [nodes[i].name for i in sorted(v) if nodes[i].op_type != "Constant"] for k, v in groups.items()}
 
@@ -251,10 +267,54 @@ def describe_kept(groups: dict[str, list[str]], model) -> str:
 def kept_fp32_summary(groups: dict[str, list[str]], prefix: str, keep_fp32: Iterable[str] | None) -> list[str]:
     """The list written to ``model.json``: the memory subgraph and user prefixes as ``prefix*``, the
     other kept nodes by name."""
-    summary = [f"{prefix}*"] + [f"{p}*" for p in keep_fp32 or []]
+    summary = [f"{prefix}*"] + ([f"{FUSION_PREFIX}*"] if groups.get("fusion") else []) + [f"{p}*" for p in keep_fp32 or []]
     named = sorted({n for g in ("input", "memory_derived", "encoder", "output", "ill_conditioned")
                     for n in groups[g]})
     return summary + [n for n in named if not any(n.startswith(s[:-1]) for s in summary)]
+
+
+def weighted_op_macs(model) -> dict[str, int]:
+    """Multiply-adds per image of each weighted op (Conv, ConvTranspose, Gemm, MatMul), by node name,
+    from the shapes ONNX shape inference gives (a symbolic batch dimension counts as 1). Ops whose
+    shapes cannot be inferred are left out. What the INT8 plan leaves in float is weighed with this."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    shapes: dict[str, list[int]] = {}
+    for v in list(graph.value_info) + list(graph.input) + list(graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims:
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+    for t in graph.initializer:
+        shapes[t.name] = list(t.dims)
+    macs: dict[str, int] = {}
+    for n in graph.node:
+        if n.op_type not in WEIGHTED_OPS or len(n.input) < 2:
+            continue
+        a, w = shapes.get(n.input[0]), shapes.get(n.input[1])
+        y = shapes.get(n.output[0])
+        if a is None or w is None or y is None:
+            continue
+        if n.op_type == "Conv":
+            macs[n.name] = int(np.prod(y, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+        elif n.op_type == "ConvTranspose":  # every input element meets C_out/group x kernel weights
+            macs[n.name] = int(np.prod(a, dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+        else:  # Gemm / MatMul: every output element is a dot product over the inner dimension
+            inner = a[-1] if n.op_type == "MatMul" or not any(
+                at.name == "transA" and at.i for at in n.attribute) else a[0]
+            macs[n.name] = int(np.prod(y, dtype=np.int64) * inner)
+    return macs
+
+
+def int8_share(model, kept: Iterable[str]) -> tuple[float, int]:
+    """(share of the weighted ops' multiply-adds that run in INT8, total multiply-adds per image) when
+    the nodes named in ``kept`` stay in float: how much of the model INT8 can speed up."""
+    macs = weighted_op_macs(model)
+    total = sum(macs.values())
+    kept = set(kept)
+    int8 = sum(m for name, m in macs.items() if name not in kept)
+    return (int8 / total if total else 0.0), total
 
 
 # --------------------------------------------------------------------------------------------------
@@ -508,7 +568,7 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
 
     model = onnx.load(str(fp32_path))
     _name_nodes(model.graph)
-    groups = kept_fp32_nodes(model, prefix, keep_fp32, encoder=True)
+    groups = kept_fp32_nodes(model, prefix, keep_fp32, encoder=True, fusion=True)
     kept = {n for g in groups.values() for n in g}
     # Constant nodes of kept groups are excluded too (harmless: onnxruntime never quantizes them).
     exclude = sorted(kept | {n.name for n in model.graph.node if n.name.startswith(prefix)})
@@ -546,6 +606,7 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
         reader.bar.close()
         tmp.unlink(missing_ok=True)
 
+    share, total = int8_share(model, exclude)
     _bypass_qdq_for(qmodel, set(exclude))
     fix_ir_version(qmodel)
     n_qdq = check_zero_points(qmodel)
@@ -558,9 +619,10 @@ def quantize_int8(bundle_dir: str | Path, images: str | Path, num: int = DEFAULT
     summary = kept_fp32_summary(groups, prefix, keep_fp32)
     extra_meta = {"percentile": PERCENTILE} if method == "percentile" else {}
     bundle.add_file(out, "int8", method=method, num_images=len(paths), images_sha256=hash_images(paths),
-                    seed=seed, kept_fp32=summary, **extra_meta)
+                    seed=seed, kept_fp32=summary, int8_share=round(share, 4), **extra_meta)
     n_conv = sum(1 for n in qmodel.graph.node if n.op_type in WEIGHTED_OPS and n.name not in kept)
-    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {n_qdq} Q/DQ nodes, {n_conv} INT8 weighted ops)")
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {n_qdq} Q/DQ nodes, {n_conv} INT8 weighted ops "
+        f"carrying {share:.0%} of the model's {total / 1e9:.2f} G multiply-adds per image)")
     report_replaced(bundle, out, old_sha256, log)
     choose_variant_threshold(bundle.root, out.name, images, log=log)
     return out

@@ -39,6 +39,16 @@ def changes(result: dict, reference: dict) -> dict:
     return d
 
 
+def _int8_share(path: Path) -> float | None:
+    """The share of the multiply-adds an INT8 file runs in INT8, as ``calibrate`` recorded it in the
+    ``model.json`` beside it (None for other files or older bundles)."""
+    meta = path.parent / "model.json"
+    if not meta.is_file():
+        return None
+    entry = (json.loads(meta.read_text()).get("files") or {}).get(path.name) or {}
+    return entry.get("int8_share")
+
+
 def _variant(spec: str) -> tuple[str, Path]:
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
@@ -91,8 +101,10 @@ def main(run, bundle, extra, data, category, textures, seed, threads, json_path)
     for name, path in variants.items():
         backend = OnnxRuntimeBackend(path, threads=threads)
         r = run_probe(lambda x: backend.infer(x)[0][:, 0], probe, int(b.meta["top_k"]))["sigma=0"]
-        results[name] = {"file": str(path), **r}
-        print(f"{name:>8}  {describe_probe(r)}", flush=True)
+        share = _int8_share(path)
+        results[name] = {"file": str(path), **r, **({"int8_share": share} if share is not None else {})}
+        print(f"{name:>8}  {describe_probe(r)}" + (f"  (INT8 share of the work {share:.0%})" if share is not None else ""),
+              flush=True)
     ref = results["fp32"]
     for name, r in results.items():
         if name != "fp32":
