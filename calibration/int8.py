@@ -268,6 +268,7 @@ def kept_fp32_summary(groups: dict[str, list[str]], prefix: str, keep_fp32: Iter
     """The list written to ``model.json``: the memory subgraph and user prefixes as ``prefix*``, the
     other kept nodes by name."""
     summary = [f"{prefix}*"] + ([f"{FUSION_PREFIX}*"] if groups.get("fusion") else []) + [f"{p}*" for p in keep_fp32 or []]
+    summary = list(dict.fromkeys(summary))  # a user prefix may repeat a group's
     named = sorted({n for g in ("input", "memory_derived", "encoder", "output", "ill_conditioned")
                     for n in groups[g]})
     return summary + [n for n in named if not any(n.startswith(s[:-1]) for s in summary)]

@@ -16,7 +16,8 @@ from memseg_edge.backends import OnnxRuntimeBackend
 from memseg_edge.bundle import load_bundle, map_gain, sha256_file
 from memseg_edge.calibration.fp16 import convert_fp16
 from memseg_edge.calibration.int8 import (FUSION_PREFIX, METHODS, WEIGHTED_OPS, ill_conditioned_ops,
-                                          int8_share, kept_fp32_nodes, quantize_int8, weighted_op_macs)
+                                          int8_share, kept_fp32_nodes, kept_fp32_summary, quantize_int8,
+                                          weighted_op_macs)
 
 pytestmark = pytest.mark.slow
 
@@ -205,6 +206,14 @@ def test_multiply_adds_of_weighted_ops_are_counted_from_inferred_shapes():
     assert int8_share(model, []) == (1.0, total)
     assert int8_share(model, ["c1", "c2", "m"]) == (0.0, total)
     assert int8_share(model, ["c1"])[0] == pytest.approx((total - macs["c1"]) / total)
+
+
+def test_the_kept_record_names_the_fusion_once_even_when_the_user_names_it_too():
+    groups = {g: [] for g in ("input", "memory_derived", "encoder", "output", "ill_conditioned")}
+    groups["fusion"] = [FUSION_PREFIX + "local.0/Conv"]
+    summary = kept_fp32_summary(groups, "memory/", [FUSION_PREFIX, "/model/decoder/head"])
+    assert summary == ["memory/*", FUSION_PREFIX + "*", "/model/decoder/head*"]
+    assert kept_fp32_summary({**groups, "fusion": []}, "memory/", None) == ["memory/*"]
 
 
 def test_int8_records_how_much_of_the_work_runs_in_int8(variants, tmp_path):
