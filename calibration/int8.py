@@ -79,7 +79,6 @@ MAX_IR_VERSION = 10
 """onnxruntime 1.31 refuses IR versions above 10 (onnx 1.23 helpers write 14)."""
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 """Ops that carry learned weights: the boundaries of the kept-in-float regions."""
-KEPT_GROUPS = ("input", "memory", "memory_derived", "encoder", "fusion", "output", "ill_conditioned", "user")
 FUSION_PREFIX = "/model/fusion/"
 """Node-name prefix of the multi-scale feature fusion (``MultiScaleFusion``, module ``fusion`` of every
 exported MemSeg, whatever its backbone): kept in float by the INT8 plan (the ``fusion`` group)."""
