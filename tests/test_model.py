@@ -160,6 +160,53 @@ def test_focal_loss_matches_the_formula_and_l1_uses_one_softmax():
     assert float(total) == pytest.approx(0.6 * parts["l1"] + 0.4 * expected, rel=1e-5)
 
 
+def test_position_factors_damp_where_good_images_respond_and_never_amplify():
+    """model.position_normalisers: the factor on a normaliser is the blurred per-position 99th percentile of good
+    images' maps over the frame-wide one, never below 1: large where a quarter of the good images respond in
+    one corner, 1 (or barely above) where no good image does."""
+    from memseg_edge.train.torch_model import position_factors
+
+    rng = np.random.default_rng(0)
+    maps = (rng.random((40, 64, 64)) * 0.1).astype(np.float32)
+    maps[::4, :8, :8] = 5.0
+    frame = float(np.percentile(maps, 99))
+    r = position_factors(maps, frame)
+    assert r.shape == (64, 64) and r.dtype == np.float32
+    assert float(r.min()) == 1.0
+    assert float(r[:4, :4].min()) > 0.5 * 5.0 / frame  # the corner's response, divided back down
+    assert float(r[24:, 24:].max()) < 1.05
+    with pytest.raises(ValueError, match="at least one image"):
+        position_factors(maps[:0], frame)
+
+
+def test_position_normalisers_give_the_documented_map_and_only_ever_lower_the_fused_score():
+    """With model.position_normalisers, calibration keeps the frame-wide q_p, q_D (the floors), sets the
+    per-position factors from the same good images, and the map is F / (F + c) with
+    F = 0.5 (p / (q_p r_p) + D / (q_D r_D)); F is never above the frame-wide fusion's F for any input, and
+    the worst good calibration image still scores about 0.5."""
+    from memseg_edge.scoring import image_scores
+    from memseg_edge.train.torch_model import position_factors
+
+    good, other = torch.rand(6, 3, SIZE, SIZE), torch.rand(3, 3, SIZE, SIZE)
+    plain = small_model(distance_fusion=True).eval()
+    plain.calibrate_fusion(good, top_k=10)
+    model = small_model(distance_fusion=True, position_normalisers=True).eval()
+    assert torch.equal(model.fusion_position, torch.ones(2, 1, SIZE, SIZE))  # until calibrated
+    q_p, q_d, c = model.calibrate_fusion(good, top_k=10)
+    assert (q_p, q_d) == pytest.approx(plain.fusion_norm[:2].tolist(), rel=1e-6)
+    with torch.no_grad():
+        pg, dg = model.component_maps(good)
+        r_p = position_factors(pg[:, 0].numpy(), float(np.percentile(pg.numpy(), 99)))
+        r_d = position_factors(dg[:, 0].numpy(), float(np.percentile(dg.numpy(), 99)))
+        torch.testing.assert_close(model.fusion_position[:, 0], torch.from_numpy(np.stack([r_p, r_d])))
+        p, d = model.component_maps(other)
+        f_q = 0.5 * (p / (q_p * torch.from_numpy(r_p)) + d / (q_d * torch.from_numpy(r_d)))
+        torch.testing.assert_close(model(other), f_q / (f_q + c), rtol=1e-5, atol=1e-6)
+        f_plain = 0.5 * (p / q_p + d / q_d)
+        assert bool(torch.all(f_q <= f_plain * (1 + 1e-6)))
+        assert 0.49 < float(image_scores(model(good)[:, 0].numpy(), 10).max()) <= 0.5 + 1e-6
+
+
 def test_the_distance_weight_weighs_the_fused_map_and_the_default_is_todays_map():
     """model.distance_weight w: after calibration the map is ``F / (F + c)`` with
     ``F = (1 - w) p / q_p + w D / q_D`` (q_p, q_D the 99th percentiles over the calibration images) and c

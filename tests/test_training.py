@@ -356,6 +356,7 @@ def test_distance_fusion_is_calibrated_on_training_goods_and_exported_as_compute
     amap, _ = OnnxRuntimeBackend(bundle).infer(images)
     np.testing.assert_allclose(amap[:, 0], fused[:, 0].numpy(), atol=1e-4)
     meta = json.loads((bundle / "model.json").read_text())
+    assert meta["distance_fusion"].pop("position_normalisers") is False
     assert meta["distance_fusion"] == pytest.approx({"q_p": float(q[0]), "q_D": float(q[1]), "c": float(q[2]),
                                                      "distance_weight": 0.5})
 
@@ -619,3 +620,45 @@ def test_refinishing_a_run_with_another_distance_weight_gives_the_run_trained_wi
             assert torch.equal(value, r["model_state"][name]), name
     bad = subprocess.run(tool + [str(tmp_path / "plain"), "--out", str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode != 0 and "nothing to change" in bad.stderr
+
+
+def test_refinishing_with_position_normalisers_gives_the_run_trained_with_them_and_back(product_root, tmp_path):
+    """tools/refinish_run.py --position-normalisers: the run the same command trains with
+    model.position_normalisers (it acts after the last iteration only): the same normalisers, per-position
+    factors and threshold, the weights unchanged; exported, the graph computes that map and model.json says
+    so; --no-position-normalisers gives the frame-wide run back."""
+    import subprocess
+    import sys
+
+    from memseg_edge.backends import OnnxRuntimeBackend
+    from memseg_edge.train.export import export_bundle
+
+    common = {"model.distance_fusion": True, "train.checkpoint_every": 0}
+    plain = train(tiny_config(product_root, iterations=2, **common), tmp_path / "plain", progress=False, log=lambda *a: None)
+    logs: list[str] = []
+    trained = train(tiny_config(product_root, iterations=2, **common, **{"model.position_normalisers": True}),
+                    tmp_path / "q", progress=False, log=logs.append)
+    assert any(line.startswith("per-position normalisers: q_p damped on") for line in logs), logs
+    tool = [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "refinish_run.py")]
+    for src, flag, out in ((tmp_path / "plain", "--position-normalisers", "re"), (tmp_path / "re", "--no-position-normalisers", "back")):
+        proc = subprocess.run(tool + [str(src), flag, "--out", str(tmp_path / out)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    p, q, r, b = (read_checkpoint(x) for x in (plain, trained, tmp_path / "re" / "checkpoint.pt", tmp_path / "back" / "checkpoint.pt"))
+    assert MemSegConfig.from_dict(r["config"]).model.position_normalisers is True
+    for name in ("fusion_norm", "fusion_position"):
+        torch.testing.assert_close(r["model_state"][name], q["model_state"][name], rtol=1e-6, atol=0)
+    assert float(r["model_state"]["fusion_position"].max()) > 1.0  # some position is damped
+    assert r["threshold"]["threshold"] == pytest.approx(q["threshold"]["threshold"], rel=1e-6)
+    assert "fusion_position" not in b["model_state"] and "fusion_position" not in p["model_state"]
+    torch.testing.assert_close(b["model_state"]["fusion_norm"], p["model_state"]["fusion_norm"], rtol=1e-6, atol=0)
+    assert b["threshold"]["threshold"] == pytest.approx(p["threshold"]["threshold"], rel=1e-6)
+    for name, value in p["model_state"].items():
+        if name != "fusion_norm":
+            assert torch.equal(value, r["model_state"][name]) and torch.equal(value, b["model_state"][name]), name
+
+    bundle = export_bundle(tmp_path / "re" / "checkpoint.pt", tmp_path / "bundle", log=lambda *a: None)  # checks parity
+    assert json.loads((bundle / "model.json").read_text())["distance_fusion"]["position_normalisers"] is True
+    model, _ = load_model(tmp_path / "re" / "checkpoint.pt")
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3)).astype(np.uint8)
+    amap, _ = OnnxRuntimeBackend(bundle).infer(images)
+    np.testing.assert_allclose(amap[:, 0], predict_maps(model, images, "cpu"), atol=1e-4)

@@ -8,6 +8,8 @@
 (the memory samples and a seeded pick of the training images; never a held-out image nor one that sets the
 fusion normalisers), at the bank's size; 0 gives a refilled run its trained bank back.
 ``--distance-weight W`` (``model.distance_weight``): the memory distance's weight in the fused map.
+``--position-normalisers`` / ``--no-position-normalisers`` (``model.position_normalisers``): the fused map's
+normalisers per position (set from the fusion's calibration images) or one per frame.
 Either way the weights are copied unchanged and what training does after its last iteration is done again
 (the fusion normalisers, the threshold, the synthetic validation: ``trainer.finish_model``), so the run
 written is the one the same command would have trained with those settings. Test images are never read.
@@ -28,12 +30,17 @@ from memseg_edge.train.trainer import finish_again
 @click.option("--memory-rebuild-samples", type=click.IntRange(min=0),
               help="Good images the bank is filled from (more than the run's model.memory_samples; 0: as trained).")
 @click.option("--distance-weight", type=float, help="The memory distance's weight in the fused map, in (0, 1).")
+@click.option("--position-normalisers/--no-position-normalisers", default=None,
+              help="Per-position normalisers in the fused map (model.position_normalisers), or one per frame.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New run folder (must not hold a checkpoint).")
-def main(run: Path, memory_rebuild_samples: int | None, distance_weight: float | None, out: Path) -> int:
+def main(run: Path, memory_rebuild_samples: int | None, distance_weight: float | None,
+         position_normalisers: bool | None, out: Path) -> int:
     changes = {k: v for k, v in (("model.memory_rebuild_samples", memory_rebuild_samples),
-                                 ("model.distance_weight", distance_weight)) if v is not None}
+                                 ("model.distance_weight", distance_weight),
+                                 ("model.position_normalisers", position_normalisers)) if v is not None}
     if not changes:
-        raise click.UsageError("nothing to change: give --memory-rebuild-samples and/or --distance-weight")
+        raise click.UsageError("nothing to change: give --memory-rebuild-samples, --distance-weight and/or "
+                               "--[no-]position-normalisers")
     if (out / "checkpoint.pt").exists():
         raise click.ClickException(f"{out} already holds a checkpoint; choose another folder")
     try:

@@ -102,6 +102,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if isinstance(model_cfg, dict) and "distance_weight" not in model_cfg:
         # saved before model.distance_weight existed: its normalisers were set for equal weights
         model_cfg["distance_weight"] = 0.5
+    if isinstance(model_cfg, dict) and "position_normalisers" not in model_cfg:
+        # saved before model.position_normalisers existed: one frame-wide normaliser per term
+        model_cfg["position_normalisers"] = False
     return ckpt
 
 

@@ -107,6 +107,14 @@ class ModelConfig:
     ``F = (1 - w) p / q_p + w D / q_D``, in (0, 1); 0.5, the default, weighs both alike. It folds into the
     normalisers (the bundle's ``q_p``, ``q_D`` are the 99th percentiles divided by ``2 (1 - w)`` and ``2 w``),
     so the graph and every runtime are the same. Acts after training only (``tools/refinish_run.py``)."""
+    position_normalisers: bool = False
+    """With ``distance_fusion``: the fused map's normalisers ``q_p``, ``q_D`` become maps,
+    ``q_x(i, j) = max(q_x, G * P99_x(i, j))``: the 99th percentile of the decoder's probability (and of the
+    distance) at each position over the fusion's calibration images, blurred by a Gaussian of 1/32 of the side,
+    never below the frame-wide 99th percentile. A good part's recurring response at a fixed place in the frame
+    (a tile's chamfered corner, a fixture's edge) is damped there; no position is amplified. Acts after
+    training only (``tools/refinish_run.py --position-normalisers``); in the graph, two constant maps.
+    Candidate Q (BENCHMARKS.md, "per-position normalisers in the fused map")."""
     standardise_images: bool | str = "auto"
     """Per-image photometric standardisation in front of the encoder: each image's pixels (all three
     channels together, so colour is kept) shifted and scaled to mean ``STANDARD_MEAN`` and standard deviation

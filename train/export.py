@@ -142,7 +142,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opset: int = DEFA
         # the map is the decoder's probability fused with the memory distance (ModelConfig.distance_fusion)
         # q_p, q_D with ModelConfig.distance_weight folded in (the graph's constants); the weight for a reader
         "distance_fusion": ({**dict(zip(("q_p", "q_D", "c"), map(float, model.fusion_norm))),
-                             "distance_weight": float(model.cfg.distance_weight)} if model.fuses else None),
+                             "distance_weight": float(model.cfg.distance_weight),
+                             # ModelConfig.position_normalisers: q_p, q_D above are the frame-wide floors of
+                             # per-position maps held in the graph
+                             "position_normalisers": hasattr(model, "fusion_position")} if model.fuses else None),
         "memory_subgraph": memory,
         "threshold": ckpt["threshold"],
         "training_list_sha256": ckpt["data"]["training_list_sha256"],

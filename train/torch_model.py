@@ -7,6 +7,7 @@ with ``model.distance_fusion``, that probability fused with the memory step's di
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -178,6 +179,10 @@ class MemSeg(nn.Module):
         if self.fuses:
             # q_p, q_D and c (fuse_maps); ones until calibrate_fusion sets them
             self.register_buffer("fusion_norm", torch.ones(3))
+            if cfg.position_normalisers:
+                # ModelConfig.position_normalisers: per-position factors (>= 1) on q_p and q_D; ones until
+                # calibrate_fusion sets them
+                self.register_buffer("fusion_position", torch.ones(2, 1, image_size, image_size))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> the encoder's input: ``ModelConfig.standardise_images`` (when on), then
@@ -195,7 +200,7 @@ class MemSeg(nn.Module):
         prob, distance = self.component_maps(images)
         if distance is None:
             return prob
-        return fuse_maps(prob, distance, self.fusion_norm)
+        return fuse_maps(prob, distance, self.fusion_norm, getattr(self, "fusion_position", None))
 
     @torch.no_grad()
     def calibrate_fusion(self, images: torch.Tensor, top_k: int, batch_size: int = 16,
@@ -207,7 +212,8 @@ class MemSeg(nn.Module):
         the ``top_k`` highest pixels) of the unbounded fused map over the images, so the worst good part
         scores about 0.5 and the range where a threshold goes keeps its resolution (with a typical good
         part at 0.5 instead, the decoder's rare false positives on good parts land near 0.98 and the
-        defects are squeezed between them and 1). Returns (q_p, q_D, c)."""
+        defects are squeezed between them and 1). With ``ModelConfig.position_normalisers`` also the
+        per-position factors on ``q_p`` and ``q_D`` (``position_factors``), before ``c``. Returns (q_p, q_D, c)."""
         if not self.fuses:
             raise ValueError("calibrate_fusion: the model was built without model.distance_fusion (or without memory)")
         if not len(images):
@@ -222,11 +228,17 @@ class MemSeg(nn.Module):
         self.train(was_training)
         p, d = np.concatenate(ps), np.concatenate(ds)
         q_p, q_d = (max(float(np.percentile(v, 100 * quantile)), 1e-12) for v in (p, d))
+        r_p = r_d = 1.0
+        if hasattr(self, "fusion_position"):
+            side = self.image_size
+            r_p, r_d = (position_factors(v.reshape(len(v), side, side), q, quantile) for v, q in ((p, q_p), (d, q_d)))
+            self.fusion_position.copy_(torch.from_numpy(np.stack([r_p, r_d])[:, None]).to(self.fusion_position))
+            r_p, r_d = r_p.reshape(1, -1), r_d.reshape(1, -1)
         # ModelConfig.distance_weight w folds into the normalisers: 0.5 (p / q_p' + D / q_D') with
         # q_p' = q_p / (2 (1 - w)), q_D' = q_D / (2 w) is (1 - w) p / q_p + w D / q_D
         w = float(self.cfg.distance_weight)
         q_p, q_d = q_p / (2.0 * (1.0 - w)), q_d / (2.0 * w)
-        f = 0.5 * (p / q_p + d / q_d)
+        f = 0.5 * (p / (q_p * r_p) + d / (q_d * r_d))
         k = min(top_k, f.shape[1])
         c = max(float(np.sort(f, axis=1)[:, -k:].mean(axis=1).max()), 1e-12)
         q = torch.tensor([q_p, q_d, c])
@@ -275,8 +287,35 @@ def distance_map(diffs: list[torch.Tensor], strides=LEVEL_STRIDES) -> torch.Tens
     return sum(levels) / len(levels)
 
 
-def fuse_maps(prob: torch.Tensor, distance: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+POSITION_BLUR = 1.0 / 32.0
+"""ModelConfig.position_normalisers: the Gaussian's sigma that smooths the per-position percentiles, as a
+share of the image's side (8 px at 256)."""
+
+
+def position_factors(maps: np.ndarray, frame_quantile: float, quantile: float = 0.99) -> np.ndarray:
+    """ModelConfig.position_normalisers: for good images' maps ``[N, H, W]`` and their frame-wide normaliser
+    ``frame_quantile``, the factor ``max(1, G * P_q(i, j) / frame_quantile)`` ``[H, W]`` float32, ``P_q`` the
+    ``quantile`` of the maps at each position and ``G`` a Gaussian blur (``POSITION_BLUR`` of the side,
+    reflected border). Never below 1: a position can be damped, not amplified."""
+    if maps.ndim != 3 or not len(maps):
+        raise ValueError(f"position_factors needs maps [N, H, W] of at least one image, found shape {maps.shape}")
+    per_position = np.percentile(maps, 100 * quantile, axis=0).astype(np.float32)
+    sigma = POSITION_BLUR * maps.shape[1]
+    blurred = cv2.GaussianBlur(per_position, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    factors = np.maximum(blurred / max(float(frame_quantile), 1e-12), 1.0).astype(np.float32)
+    if not np.isfinite(factors).all():
+        raise FloatingPointError("position_factors: non-finite factors")
+    return factors
+
+
+def fuse_maps(prob: torch.Tensor, distance: torch.Tensor, norm: torch.Tensor,
+              position: torch.Tensor | None = None) -> torch.Tensor:
     """ModelConfig.distance_fusion: ``F = 0.5 * (p / q_p + D / q_D)`` returned as ``F / (F + c)``, with
-    ``norm = (q_p, q_D, c)``: in [0, 1), monotone in F, the worst good calibration image's score 0.5."""
-    f = 0.5 * (prob / norm[0] + distance / norm[1])
+    ``norm = (q_p, q_D, c)``: in [0, 1), monotone in F, the worst good calibration image's score 0.5. With
+    ``position`` ``[2, 1, H, W]`` (ModelConfig.position_normalisers) ``q_p`` and ``q_D`` are multiplied by its
+    per-position factors."""
+    if position is None:
+        f = 0.5 * (prob / norm[0] + distance / norm[1])
+    else:
+        f = 0.5 * (prob / (norm[0] * position[0]) + distance / (norm[1] * position[1]))
     return f / (f + norm[2])

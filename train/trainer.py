@@ -301,9 +301,10 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     backbone_origin = ckpt["backbone_weights"] if ckpt else model.encoder.weights_origin
     log(f"encoder: {cfg.model.backbone}, weights: {backbone_origin}")
     if ckpt:
-        state = {k: v for k, v in ckpt["model_state"].items() if k != "fusion_norm"}  # set again at the end
+        # the fusion's constants are set again at the end
+        state = {k: v for k, v in ckpt["model_state"].items() if k not in FUSION_CONSTANTS}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"fusion_norm"}:
+        if unexpected or set(missing) - FUSION_CONSTANTS:
             raise ValueError(f"{resume}: its weights do not fit the model (missing {missing}, unexpected {unexpected})")
         if (model.memory is not None and ckpt["data"].get("memory_refill_images")
                 and (start_it < tc.iterations or not cfg.model.memory_rebuild_samples)):
@@ -435,6 +436,11 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
         log(f"distance fusion: q_p {q_p:.4g}, q_D {q_d:.4g} (99th percentile"
             + (f"s over 2 (1 - w) and 2 w, distance weight w {w:g}" if w != 0.5 else "")
             + f"), c {c:.4g} (highest score), over {len(calibration)} good training images")
+        if hasattr(model, "fusion_position"):
+            r = model.fusion_position.float().cpu().numpy()
+            log("per-position normalisers: " + "; ".join(
+                f"{name} damped on {100 * float((x > 1).mean()):.0f} % of the frame, at most {float(x.max()):.2f}x"
+                for name, x in (("q_p", r[0]), ("q_D", r[1]))))
     holdout = load_images(split.holdout, size, cfg.data.resize)
     if not len(holdout):
         return None, None, refill
@@ -463,8 +469,13 @@ def load_run(run: str | Path, data_root: str | Path, category: str):
     return model, ckpt, cfg, run_split(cfg, data.train_good)
 
 
-AFTER_TRAINING = ("model.distance_fusion", "model.distance_weight", "model.memory_rebuild_samples")
+AFTER_TRAINING = ("model.distance_fusion", "model.distance_weight", "model.position_normalisers",
+                  "model.memory_rebuild_samples")
 """Settings that act only after the last iteration: a finished run can be finished again with them changed."""
+
+FUSION_CONSTANTS = {"fusion_norm", "fusion_position"}
+"""The buffers ``finish_model`` sets after the last iteration (``MemSeg.calibrate_fusion``): never taken from a
+checkpoint that training goes on from or that is finished again."""
 
 
 def finish_again(run: str | Path, out: str | Path, changes: dict[str, Any], log=print) -> Path:
@@ -484,8 +495,9 @@ def finish_again(run: str | Path, out: str | Path, changes: dict[str, Any], log=
     cfg = apply_overrides(MemSegConfig.from_dict(ckpt["config"]), changes)
     check_config(cfg)
     model = MemSeg(cfg.model, int(ckpt["image_size"]), weights=None)
-    missing, unexpected = model.load_state_dict(ckpt["model_state"], strict=False)
-    if set(missing) - {"fusion_norm"} or unexpected:
+    state = {k: v for k, v in ckpt["model_state"].items() if k not in FUSION_CONSTANTS}  # set again below
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) - FUSION_CONSTANTS or unexpected:
         raise ValueError(f"{run}: its weights do not fit this model (missing {missing}, unexpected {unexpected})")
     split = run_split(cfg, discover(cfg.data).train_good)
     data = dict(ckpt["data"])
