@@ -662,3 +662,22 @@ def test_refinishing_with_position_normalisers_gives_the_run_trained_with_them_a
     images = np.random.default_rng(0).integers(0, 256, size=(3, 64, 64, 3)).astype(np.uint8)
     amap, _ = OnnxRuntimeBackend(bundle).infer(images)
     np.testing.assert_allclose(amap[:, 0], predict_maps(model, images, "cpu"), atol=1e-4)
+
+
+def test_a_fused_run_finished_again_without_the_fusion_gives_the_decoders_map(product_root, tmp_path):
+    """model.distance_fusion acts after training (AFTER_TRAINING): finishing a fused run again with it off
+    drops the fusion's constants instead of refusing them as unexpected weights, and the map is the
+    decoder's probability again."""
+    from memseg_edge.train.trainer import finish_again
+
+    common = {"model.distance_fusion": True, "model.position_normalisers": True, "train.checkpoint_every": 0}
+    fused = train(tiny_config(product_root, iterations=2, **common), tmp_path / "fused", progress=False, log=lambda *a: None)
+    path = finish_again(fused, tmp_path / "plain", {"model.distance_fusion": False}, log=lambda *a: None)
+    state = read_checkpoint(path)["model_state"]
+    assert "fusion_norm" not in state and "fusion_position" not in state
+    model, _ = load_model(path)
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
+    with torch.no_grad():
+        prob, distance = model.component_maps(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    assert distance is None
+    np.testing.assert_allclose(predict_maps(model, images, "cpu"), prob[:, 0].numpy(), atol=1e-6)
