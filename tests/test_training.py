@@ -681,3 +681,25 @@ def test_a_fused_run_finished_again_without_the_fusion_gives_the_decoders_map(pr
         prob, distance = model.component_maps(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
     assert distance is None
     np.testing.assert_allclose(predict_maps(model, images, "cpu"), prob[:, 0].numpy(), atol=1e-6)
+
+
+def test_profile_tool_splits_a_step_by_resolution(tmp_path):
+    """tools/profile_train_step.py, behind BENCHMARKS' account of where the short recipe's time goes: it
+    times real training steps of the default model and attributes every operator's own CPU time to the
+    spatial size it works at; the shares cover the whole step and the full-resolution stage is one of them."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "profile.json"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "profile_train_step.py"
+    proc = subprocess.run([sys.executable, str(tool), "--backbone-weights", "none",
+                           "--image-size", "64", "--steps", "2", "--profiled-steps", "1", "--threads", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert len(res["step_seconds"]) == 2 and res["step_median_s"] > 0
+    shares = res["self_cpu_share_by_input_size"]
+    assert abs(sum(shares.values()) - 1.0) < 1e-6
+    assert shares["64x64"] > 0.05          # the decoder's full-resolution stage at this image size
+    assert "32x32" in shares and "64x64" in proc.stdout
+    assert res["synthesis_batch_s"] is None  # no --images: that timing is skipped, not invented

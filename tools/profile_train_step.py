@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Where a training step's time goes: the default model, one batch, on this machine's CPU.
+
+    python tools/profile_train_step.py --backbone-weights ../shared/weights/mobilenet_v2-imagenet-features.pth
+
+Builds today's default model (``MemSegConfig()``'s model section with ``--backbone``; only the memory bank is filled from random
+images, which does not change the cost), times the training step (forward, loss, backward, SGD) as the
+trainer runs it, then profiles a few steps with ``torch.profiler`` and sums each operator's own CPU time by
+the spatial size of its first input: how much of a step the full-resolution stages cost, how much the
+stride-2 stage, and so on. Separately it times the anomaly synthesis of one batch (what the loader worker
+does beside the step, on one thread). Timing only: no accuracy figure comes from this model.
+
+Run it with nothing else on the machine: the medians are only as quiet as the machine is.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import click
+
+
+def _size_of(shapes) -> str:
+    """The spatial size ``HxW`` of an operator's first 4-D input, or a label for the rest."""
+    for s in shapes or []:
+        if isinstance(s, (list, tuple)) and len(s) == 4 and all(isinstance(v, int) for v in s):
+            return f"{s[2]}x{s[3]}"
+    return "other (memory step, loss, optimiser, ...)"
+
+
+@click.command()
+@click.option("--backbone-weights", required=True,
+              help="The encoder's local state_dict (realistic feature statistics for the memory step), or "
+                   "'none' for random weights (the cost is the same).")
+@click.option("--backbone", default="mobilenet_v2", show_default=True,
+              help="The encoder (the benchmarks' recipes use mobilenet_v2 with the shared weights).")
+@click.option("--image-size", default=256, show_default=True)
+@click.option("--batch", default=8, show_default=True, help="The training batch (the recipe's: 8).")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--steps", default=7, show_default=True, help="Timed steps (after two warm-up steps).")
+@click.option("--profiled-steps", default=3, show_default=True)
+@click.option("--textures", type=click.Path(exists=True, file_okay=False),
+              help="DTD images for the synthesis timing (without it, structure anomalies only).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="A folder of good images for the synthesis timing (without it, that timing is skipped).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False))
+def main(backbone, backbone_weights, image_size, batch, threads, steps, profiled_steps, textures, images, json_path):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from memseg_edge.train.config import MemSegConfig
+    from memseg_edge.train.loss import memseg_loss
+    from memseg_edge.train.torch_model import MemSeg
+
+    torch.set_num_threads(threads)
+    cfg = MemSegConfig()
+    model_cfg = cfg.model
+    model_cfg.backbone = backbone
+    if not isinstance(model_cfg.standardise_images, bool):  # "auto" is decided from a product's images
+        model_cfg.standardise_images = False
+    torch.manual_seed(0)
+    model = MemSeg(model_cfg, image_size, weights=backbone_weights)
+    if model.memory is not None:
+        model.memory.fill(model.memory_features(torch.rand(model_cfg.memory_samples, 3, image_size, image_size)))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    x = torch.rand(batch, 3, image_size, image_size)
+    target = (torch.rand(batch, image_size, image_size) > 0.9).float()
+    tc = cfg.train
+
+    def step():
+        loss, _ = memseg_loss(model(x), target, tc.l1_weight, tc.focal_weight, tc.focal_gamma, tc.focal_alpha)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(profiled_steps):
+            step()
+    by_size: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages(group_by_input_shape=True):
+        by_size[_size_of(event.input_shapes)] += event.self_cpu_time_total
+    total = sum(by_size.values())
+    shares = dict(sorted(((k, v / total) for k, v in by_size.items()), key=lambda kv: -kv[1]))
+    small = [k for k, v in shares.items() if v < 0.005]
+    if len(small) > 1:  # the attention's pooled vectors and the like: one line
+        shares = {**{k: v for k, v in shares.items() if k not in small}, "rest": sum(shares[k] for k in small)}
+
+    synthesis = None
+    if images:
+        import cv2
+
+        from memseg_edge.train.datasets import TrainingStream, load_images
+        from memseg_edge.train.synthesis import AnomalySynthesizer
+
+        cv2.setNumThreads(1)
+        paths = sorted(p for p in Path(images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+        if not paths:
+            raise click.UsageError(f"no images in {images}")
+        cfg.synthesis.textures = textures
+        stream = TrainingStream(load_images(paths[:40], image_size, cfg.data.resize), AnomalySynthesizer(cfg.synthesis),
+                                seed=0, length=10 ** 6)
+        rounds = []
+        for r in range(6):
+            t = time.perf_counter()
+            for i in range(r * batch, (r + 1) * batch):
+                stream[i]
+            rounds.append(time.perf_counter() - t)
+        synthesis = statistics.median(rounds[1:])
+
+    med = statistics.median(times)
+    print(f"default model ({model_cfg.backbone}, {image_size} px), batch {batch}, {threads} threads: "
+          f"training step median {med:.3f} s over {steps} steps (min {min(times):.3f}, max {max(times):.3f})")
+    print(f"operators' own CPU time over {profiled_steps} profiled steps, by the spatial size of their first input:")
+    for k, v in shares.items():
+        print(f"  {k:>12s}: {100 * v:5.1f} %")
+    if synthesis is not None:
+        print(f"anomaly synthesis of one batch ({batch} items, half synthetic), one thread: {synthesis:.3f} s")
+    if json_path:
+        Path(json_path).write_text(json.dumps({
+            "image_size": image_size, "batch": batch, "threads": threads, "step_seconds": times,
+            "step_median_s": med, "self_cpu_share_by_input_size": shares, "synthesis_batch_s": synthesis,
+        }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
