@@ -578,9 +578,62 @@ def test_a_run_resumed_after_its_memory_was_refilled_trains_on_with_the_bank_it_
             torch.testing.assert_close(g["model_state"][k], r["model_state"][k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+@pytest.mark.parametrize("margin, kept", [(1.0, "as trained"), (-1.0, "refilled")])
+def test_a_refill_chosen_on_validation_keeps_exactly_the_bank_it_chose(tmp_path, monkeypatch, margin, kept):
+    """model.memory_rebuild_choice: validation finishes the run with both banks and keeps one of them whole:
+    when the trained bank wins, the model, its fusion normalisers and its threshold are bit for bit those of
+    the run without a refill (nothing of the refilled bank survives); when the refill wins, those of the run
+    that always refills. The checkpoint records both validation means and the choice. The margin is forced
+    here (+1 can never be met, -1 always is) so both branches run on the same tiny data."""
+    from conftest import make_product_dataset
+    from memseg_edge.train import trainer as trainer_module
+
+    root = make_product_dataset(tmp_path / "data", n_train=100)  # enough beyond the fusion's 64 for a refill of 12
+    common = {"model.memory_patches": 300, "train.checkpoint_every": 0, "model.distance_fusion": True}
+    quiet = dict(progress=False, log=lambda *a: None)
+    plain = read_checkpoint(train(tiny_config(root, iterations=2, **common), tmp_path / "plain", **quiet))
+    always = read_checkpoint(train(tiny_config(root, iterations=2, **common, **{"model.memory_rebuild_samples": 12}),
+                                   tmp_path / "always", **quiet))
+    monkeypatch.setattr(trainer_module, "REBUILD_MARGIN", margin)
+    lines = []
+    chosen = read_checkpoint(train(tiny_config(root, iterations=2, **common, **{
+        "model.memory_rebuild_samples": 12, "model.memory_rebuild_choice": "validation"}), tmp_path / "chosen",
+        progress=False, log=lines.append))
+    record = chosen["validation"]["memory_rebuild"]
+    assert record["kept"] == kept and record["margin"] == margin and record["refill_images"] == 12
+    assert record["as_trained"] == pytest.approx(0.5 * (plain["validation"]["image_auroc"]
+                                                        + plain["validation"]["pixel_auroc"]))
+    assert record["refilled"] == pytest.approx(0.5 * (always["validation"]["image_auroc"]
+                                                      + always["validation"]["pixel_auroc"]))
+    reference = plain if kept == "as trained" else always
+    for name, value in reference["model_state"].items():
+        assert torch.equal(chosen["model_state"][name], value), name
+    assert chosen["threshold"] == reference["threshold"]
+    assert ("memory_refill_images" in chosen["data"]) == (kept == "refilled")
+    assert any("the trained bank is kept" in line for line in lines) == (kept == "as trained")
+
+
+def test_a_refill_choice_without_held_out_images_keeps_the_trained_bank(tmp_path):
+    from conftest import make_product_dataset
+
+    root = make_product_dataset(tmp_path / "data", n_train=40)
+    common = {"model.memory_patches": 300, "train.checkpoint_every": 0, "data.holdout_fraction": 0.0}
+    lines = []
+    chosen = read_checkpoint(train(tiny_config(root, iterations=2, **common, **{
+        "model.memory_rebuild_samples": 12, "model.memory_rebuild_choice": "validation"}), tmp_path / "chosen",
+        progress=False, log=lines.append))
+    plain = read_checkpoint(train(tiny_config(root, iterations=2, **common), tmp_path / "plain", progress=False,
+                                  log=lambda *a: None))
+    assert any("needs held-out good images" in line for line in lines)
+    assert "memory_refill_images" not in chosen["data"]
+    for name, value in plain["model_state"].items():
+        assert torch.equal(chosen["model_state"][name], value), name
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"model.memory_rebuild_samples": 4}, "more than model.memory_samples"),
     ({"model.memory_rebuild_samples": 8, "model.memory_selection": "sum"}, "memory_selection: patch"),
+    ({"model.memory_rebuild_samples": 8, "model.memory_rebuild_choice": "best"}, "always, validation"),
 ])
 def test_a_memory_refill_that_cannot_work_is_refused_before_training(product_root, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

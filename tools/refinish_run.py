@@ -7,6 +7,8 @@
 ``--memory-rebuild-samples N`` (``model.memory_rebuild_samples``): the bank filled again from N good images
 (the memory samples and a seeded pick of the training images; never a held-out image nor one that sets the
 fusion normalisers), at the bank's size; 0 gives a refilled run its trained bank back.
+``--memory-rebuild-choice validation`` (``model.memory_rebuild_choice``): the run finished with both banks and
+the refilled one kept only where the trainer's synthetic validation gains (``trainer.REBUILD_MARGIN``).
 ``--distance-weight W`` (``model.distance_weight``): the memory distance's weight in the fused map.
 ``--position-normalisers`` / ``--no-position-normalisers`` (``model.position_normalisers``): the fused map's
 normalisers per position (set from the fusion's calibration images) or one per frame.
@@ -29,18 +31,22 @@ from memseg_edge.train.trainer import finish_again
 @click.argument("run", type=click.Path(exists=True, path_type=Path))
 @click.option("--memory-rebuild-samples", type=click.IntRange(min=0),
               help="Good images the bank is filled from (more than the run's model.memory_samples; 0: as trained).")
+@click.option("--memory-rebuild-choice", type=click.Choice(["always", "validation"]),
+              help="With --memory-rebuild-samples: keep the refilled bank always, or only where the synthetic "
+                   "validation gains (model.memory_rebuild_choice).")
 @click.option("--distance-weight", type=float, help="The memory distance's weight in the fused map, in (0, 1).")
 @click.option("--position-normalisers/--no-position-normalisers", default=None,
               help="Per-position normalisers in the fused map (model.position_normalisers), or one per frame.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New run folder (must not hold a checkpoint).")
-def main(run: Path, memory_rebuild_samples: int | None, distance_weight: float | None,
+def main(run: Path, memory_rebuild_samples: int | None, memory_rebuild_choice: str | None, distance_weight: float | None,
          position_normalisers: bool | None, out: Path) -> int:
     changes = {k: v for k, v in (("model.memory_rebuild_samples", memory_rebuild_samples),
+                                 ("model.memory_rebuild_choice", memory_rebuild_choice),
                                  ("model.distance_weight", distance_weight),
                                  ("model.position_normalisers", position_normalisers)) if v is not None}
     if not changes:
-        raise click.UsageError("nothing to change: give --memory-rebuild-samples, --distance-weight and/or "
-                               "--[no-]position-normalisers")
+        raise click.UsageError("nothing to change: give --memory-rebuild-samples, --memory-rebuild-choice, "
+                               "--distance-weight and/or --[no-]position-normalisers")
     if (out / "checkpoint.pt").exists():
         raise click.ClickException(f"{out} already holds a checkpoint; choose another folder")
     try:

@@ -74,6 +74,13 @@ class ModelConfig:
     it, more images show the memory more of a product's normal variation. ``0`` (the default): the bank
     stays as trained. Acts after the last iteration only: ``tools/refinish_run.py`` gives a finished run
     one without training again."""
+    memory_rebuild_choice: str = "always"
+    """With ``memory_rebuild_samples``: ``always`` keeps the refilled bank; ``validation`` finishes the run with
+    both banks and keeps the refilled one only if the trainer's synthetic validation (the mean of its image and
+    pixel AUROC on the held-out good images and synthetic anomalies made from them) is at least
+    ``trainer.REBUILD_MARGIN`` higher than with the trained bank; otherwise the trained bank, its fusion
+    normalisers and its threshold stay. A product with many rare good patches (a texture under varied light)
+    gains from the larger bank, an aligned object can lose; its own good images tell which."""
     feature_smoothing: int = 1
     """Kernel of a stride-1 average pool over the frozen features before the memory step (1 = off, the
     default). The paper is silent; the authors' released code smooths with 3x3, which makes the difference

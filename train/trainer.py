@@ -163,6 +163,9 @@ def check_config(cfg: MemSegConfig) -> list[str]:
         if mc.memory_rebuild_samples <= mc.memory_samples:
             raise ValueError(f"model.memory_rebuild_samples must be 0 (off) or more than model.memory_samples "
                              f"({mc.memory_samples}), found {mc.memory_rebuild_samples}")
+    if mc.memory_rebuild_choice not in REBUILD_CHOICES:
+        raise ValueError(f"model.memory_rebuild_choice must be one of {', '.join(REBUILD_CHOICES)}, found "
+                         f"{mc.memory_rebuild_choice!r}")
     if not cfg.synthesis.textures and cfg.synthesis.texture_probability > 0:
         raise ValueError(
             "no texture folder: MemSeg's texture anomaly source needs one (the paper's Table 3: training without it "
@@ -306,10 +309,10 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - FUSION_CONSTANTS:
             raise ValueError(f"{resume}: its weights do not fit the model (missing {missing}, unexpected {unexpected})")
-        if (model.memory is not None and ckpt["data"].get("memory_refill_images")
-                and (start_it < tc.iterations or not cfg.model.memory_rebuild_samples)):
+        if model.memory is not None and ckpt["data"].get("memory_refill_images"):
             # the bank was refilled after the run's last iteration: training goes on with the bank it trained
-            # with, and the end of the run refills it again only if asked to
+            # with, and the end of the run refills it again only if asked to (and, with
+            # model.memory_rebuild_choice: validation, compares the two)
             model.memory.fill(memory_features(model, load_images(split.memory, size, cfg.data.resize), device))
     elif model.memory is not None:
         model.memory.fill(memory_features(model, load_images(split.memory, size, cfg.data.resize), device))
@@ -410,26 +413,22 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     return path
 
 
-def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
-                 log=print) -> tuple[dict | None, dict | None, list[Path]]:
-    """What follows the last iteration, on good images only: the memory bank refilled from more images
-    (``model.memory_rebuild_samples``), the distance-fusion normalisers (from the training pool), then the
-    decision threshold (held-out images) and the synthetic validation. Leaves ``model`` in eval mode;
-    returns (threshold, validation, the images of a refilled bank or []), the first two None without
-    held-out images."""
-    model.eval()
+REBUILD_CHOICES = ("always", "validation")
+REBUILD_MARGIN = 0.002
+"""``model.memory_rebuild_choice: validation`` keeps a refilled bank only if the synthetic validation's mean of
+image and pixel AUROC gains at least this much: a change in the fourth digit, which a saturated validation
+gives by noise alone, keeps the paper's bank."""
+
+
+def _validation_mean(v: dict[str, Any]) -> float:
+    return 0.5 * (float(v["image_auroc"]) + float(v["pixel_auroc"]))
+
+
+def _set_constants(model: MemSeg, calibration: list[Path], holdout: np.ndarray, cfg: MemSegConfig, synthesizer,
+                   device, log) -> tuple[dict | None, dict | None]:
+    """The fusion normalisers (from ``calibration``), then the threshold and the synthetic validation (from
+    ``holdout``) for the model's current bank; (None, None) without held-out images."""
     size, tc = cfg.data.image_size, cfg.train
-    calibration = fusion_calibration_images(split.train, tc.seed) if model.fuses else []
-    refill = []
-    if model.memory is not None and cfg.model.memory_rebuild_samples:
-        refill = memory_refill_images(split, calibration, cfg.model.memory_rebuild_samples, tc.seed)
-        t0 = time.perf_counter()
-        model.memory.fill(memory_features(model, load_images(refill, size, cfg.data.resize), device))
-        log(f"memory bank refilled from {len(refill)} good training images ({len(split.memory)} memory samples + "
-            f"{len(refill) - len(split.memory)} training images) in {time.perf_counter() - t0:.0f} s")
-        if len(refill) < cfg.model.memory_rebuild_samples:
-            log(f"note: model.memory_rebuild_samples asks {cfg.model.memory_rebuild_samples}, but only "
-                f"{len(refill)} good training images are neither held out nor fusion-calibration images")
     if model.fuses:
         q_p, q_d, c = model.calibrate_fusion(to_tensor(load_images(calibration, size, cfg.data.resize), device), cfg.eval.top_k)
         w = cfg.model.distance_weight
@@ -441,9 +440,8 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
             log("per-position normalisers: " + "; ".join(
                 f"{name} damped on {100 * float((x > 1).mean()):.0f} % of the frame, at most {float(x.max()):.2f}x"
                 for name, x in (("q_p", r[0]), ("q_D", r[1]))))
-    holdout = load_images(split.holdout, size, cfg.data.resize)
     if not len(holdout):
-        return None, None, refill
+        return None, None
     good_scores = image_scores(predict_maps(model, holdout, device), cfg.eval.top_k)
     # every map the model returns is in [0, 1]: a threshold at or above 1 would pass every part
     threshold = threshold_for_false_reject_rate(good_scores, tc.target_false_reject_rate, upper=1.0)
@@ -452,6 +450,61 @@ def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
     log(describe_threshold(threshold))
     for line in validation_report(validation):
         log(line)
+    return threshold, validation
+
+
+def finish_model(model: MemSeg, cfg: MemSegConfig, split, synthesizer, device,
+                 log=print) -> tuple[dict | None, dict | None, list[Path]]:
+    """What follows the last iteration, on good images only: the memory bank refilled from more images
+    (``model.memory_rebuild_samples``; with ``model.memory_rebuild_choice: validation`` only where the synthetic
+    validation gains), the distance-fusion normalisers (from the training pool), then the decision threshold
+    (held-out images) and the synthetic validation. Leaves ``model`` in eval mode; returns (threshold,
+    validation, the images of a refilled bank or []), the first two None without held-out images."""
+    model.eval()
+    size, tc = cfg.data.image_size, cfg.train
+    calibration = fusion_calibration_images(split.train, tc.seed) if model.fuses else []
+    holdout = load_images(split.holdout, size, cfg.data.resize)
+    rebuild = bool(model.memory is not None and cfg.model.memory_rebuild_samples)
+    choose = rebuild and cfg.model.memory_rebuild_choice == "validation"
+    if choose and not len(holdout):
+        log("note: model.memory_rebuild_choice: validation needs held-out good images to choose with; the bank "
+            "stays as trained")
+        rebuild = choose = False
+    trained = None
+    if choose:
+        log("finishing with the trained bank first (model.memory_rebuild_choice: validation)")
+        threshold, validation = _set_constants(model, calibration, holdout, cfg, synthesizer, device, log)
+        kept = {name: buf.detach().clone() for name, buf in model.named_buffers()
+                if name.startswith("memory.") or name in FUSION_CONSTANTS}
+        trained = (threshold, validation, kept)
+    refill = []
+    if rebuild:
+        refill = memory_refill_images(split, calibration, cfg.model.memory_rebuild_samples, tc.seed)
+        t0 = time.perf_counter()
+        model.memory.fill(memory_features(model, load_images(refill, size, cfg.data.resize), device))
+        log(f"memory bank refilled from {len(refill)} good training images ({len(split.memory)} memory samples + "
+            f"{len(refill) - len(split.memory)} training images) in {time.perf_counter() - t0:.0f} s")
+        if len(refill) < cfg.model.memory_rebuild_samples:
+            log(f"note: model.memory_rebuild_samples asks {cfg.model.memory_rebuild_samples}, but only "
+                f"{len(refill)} good training images are neither held out nor fusion-calibration images")
+    threshold, validation = _set_constants(model, calibration, holdout, cfg, synthesizer, device, log)
+    if choose:
+        before, after = _validation_mean(trained[1]), _validation_mean(validation)
+        keep = after >= before + REBUILD_MARGIN
+        record = {"choice": "validation", "margin": REBUILD_MARGIN, "as_trained": before, "refilled": after,
+                  "kept": "refilled" if keep else "as trained", "refill_images": len(refill)}
+        log(f"memory bank: synthetic validation (mean of image and pixel AUROC) {before:.4f} with the trained bank, "
+            f"{after:.4f} refilled from {len(refill)} images: "
+            + ("the refilled bank is kept" if keep else
+               f"the trained bank is kept (the refill must gain at least {REBUILD_MARGIN:g}); its threshold and "
+               "validation are the ones above it"))
+        if not keep:
+            with torch.no_grad():
+                for name, buf in model.named_buffers():
+                    if name in trained[2]:
+                        buf.copy_(trained[2][name])
+            threshold, validation, refill = trained[0], trained[1], []
+        validation = {**validation, "memory_rebuild": record}
     return threshold, validation, refill
 
 
@@ -470,7 +523,7 @@ def load_run(run: str | Path, data_root: str | Path, category: str):
 
 
 AFTER_TRAINING = ("model.distance_fusion", "model.distance_weight", "model.position_normalisers",
-                  "model.memory_rebuild_samples")
+                  "model.memory_rebuild_samples", "model.memory_rebuild_choice")
 """Settings that act only after the last iteration: a finished run can be finished again with them changed."""
 
 FUSION_CONSTANTS = {"fusion_norm", "fusion_position"}
@@ -505,7 +558,8 @@ def finish_again(run: str | Path, out: str | Path, changes: dict[str, Any], log=
             or [p.name for p in split.holdout] != data["holdout_images"]):
         raise ValueError(f"{run}: the good images under {cfg.data.root} no longer split as they did in training "
                          "(memory or held-out images differ); this needs the run's own data")
-    if data.pop("memory_refill_images", None) and model.memory is not None and not cfg.model.memory_rebuild_samples:
+    if data.pop("memory_refill_images", None) and model.memory is not None:
+        # the trained bank first, whatever follows: a refill starts from images, and a choice compares with it
         model.memory.fill(memory_features(model, load_images(split.memory, cfg.data.image_size, cfg.data.resize), "cpu"))
     threshold, validation, refill = finish_model(model, cfg, split, AnomalySynthesizer(cfg.synthesis), "cpu", log)
     if refill:
