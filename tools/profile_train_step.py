@@ -14,6 +14,7 @@ Run it with nothing else on the machine: the medians are only as quiet as the ma
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -49,15 +50,18 @@ def _size_of(shapes) -> str:
 @click.option("--compile", "compiled", is_flag=True,
               help="Time the step through torch.compile (inductor) instead: the first step's time (the compilation) "
                    "and the median after it; no profile.")
+@click.option("--compare-widths", multiple=True,
+              help="Decoder widths at strides 16,8,4,2,1 to time against today's, interleaved round by round "
+                   "(repeatable), e.g. 128,64,48,24,8; no profile.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))
 def main(backbone, backbone_weights, image_size, batch, threads, steps, profiled_steps, textures, images, compiled,
-         json_path):
+         compare_widths, json_path):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from memseg_edge.train.config import MemSegConfig
     from memseg_edge.train.loss import memseg_loss
-    from memseg_edge.train.torch_model import MemSeg
+    from memseg_edge.train.torch_model import DECODER_WIDTHS, MemSeg
 
     torch.set_num_threads(threads)
     cfg = MemSegConfig()
@@ -65,23 +69,52 @@ def main(backbone, backbone_weights, image_size, batch, threads, steps, profiled
     model_cfg.backbone = backbone
     if not isinstance(model_cfg.standardise_images, bool):  # "auto" is decided from a product's images
         model_cfg.standardise_images = False
-    torch.manual_seed(0)
-    model = MemSeg(model_cfg, image_size, weights=backbone_weights)
-    if model.memory is not None:
-        model.memory.fill(model.memory_features(torch.rand(model_cfg.memory_samples, 3, image_size, image_size)))
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     x = torch.rand(batch, 3, image_size, image_size)
     target = (torch.rand(batch, image_size, image_size) > 0.9).float()
     tc = cfg.train
 
-    net = torch.compile(model) if compiled else model
+    def make(widths, compile_it=False):
+        """A model (random decoder, the given decoder widths; [] = today's) and its training step."""
+        torch.manual_seed(0)
+        net_cfg = dataclasses.replace(model_cfg, decoder_channels=list(widths))
+        model = MemSeg(net_cfg, image_size, weights=backbone_weights)
+        if model.memory is not None:
+            model.memory.fill(model.memory_features(torch.rand(net_cfg.memory_samples, 3, image_size, image_size)))
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        net = torch.compile(model) if compile_it else model
 
-    def step():
-        loss, _ = memseg_loss(net(x), target, tc.l1_weight, tc.focal_weight, tc.focal_gamma, tc.focal_alpha)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        def step():
+            loss, _ = memseg_loss(net(x), target, tc.l1_weight, tc.focal_weight, tc.focal_gamma, tc.focal_alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    if compare_widths:
+        variants = {"today": make([])}
+        for w in compare_widths:
+            widths = [int(v) for v in w.split(",")]
+            variants[",".join(map(str, widths))] = make(widths)
+        rounds = {k: [] for k in variants}
+        for r in range(steps + 1):  # interleaved, so the machine's drift hits every variant alike
+            for k, fn in variants.items():
+                t = time.perf_counter()
+                fn()
+                if r:
+                    rounds[k].append(time.perf_counter() - t)
+        base = statistics.median(rounds["today"])
+        print(f"decoder widths at strides 16, 8, 4, 2, 1 ({model_cfg.backbone}, {image_size} px, batch {batch}, "
+              f"{threads} threads), training step, median of {steps} interleaved rounds:")
+        for k, v in rounds.items():
+            label = "today's (" + ",".join(map(str, DECODER_WIDTHS[model_cfg.backbone])) + ")" if k == "today" else k
+            print(f"  {label:>26s}: {statistics.median(v):.3f} s, {statistics.median(v) / base:.3f} x today's")
+        if json_path:
+            Path(json_path).write_text(json.dumps({"widths_step_seconds": rounds, "today_widths": list(
+                DECODER_WIDTHS[model_cfg.backbone])}, indent=2) + "\n")
+        return
+
+    step = make([], compiled)
 
     t = time.perf_counter()
     step()
