@@ -613,6 +613,14 @@ def test_a_refill_chosen_on_validation_keeps_exactly_the_bank_it_chose(tmp_path,
     assert any("the trained bank is kept" in line for line in lines) == (kept == "as trained")
 
 
+def test_a_refill_choice_without_a_refill_says_it_has_nothing_to_choose(product_root):
+    from memseg_edge.train.trainer import check_config
+
+    notes = check_config(tiny_config(product_root, **{"model.memory_rebuild_choice": "validation"}))
+    assert any("nothing to choose" in n for n in notes)
+    assert not any("nothing to choose" in n for n in check_config(tiny_config(product_root)))
+
+
 def test_a_refill_choice_without_held_out_images_keeps_the_trained_bank(tmp_path):
     from conftest import make_product_dataset
 

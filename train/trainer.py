@@ -166,6 +166,9 @@ def check_config(cfg: MemSegConfig) -> list[str]:
     if mc.memory_rebuild_choice not in REBUILD_CHOICES:
         raise ValueError(f"model.memory_rebuild_choice must be one of {', '.join(REBUILD_CHOICES)}, found "
                          f"{mc.memory_rebuild_choice!r}")
+    if mc.memory_rebuild_choice == "validation" and not mc.memory_rebuild_samples:
+        notes.append("note: model.memory_rebuild_choice: validation has nothing to choose without "
+                     "model.memory_rebuild_samples (e.g. 120): the bank stays as trained")
     if not cfg.synthesis.textures and cfg.synthesis.texture_probability > 0:
         raise ValueError(
             "no texture folder: MemSeg's texture anomaly source needs one (the paper's Table 3: training without it "
