@@ -380,6 +380,52 @@ def test_a_checkpoint_saved_before_distance_fusion_keeps_the_map_it_was_made_wit
     np.testing.assert_array_equal(predict_maps(old, images, "cpu"), predict_maps(model, images, "cpu"))
 
 
+def test_a_run_records_its_decoder_widths_and_a_checkpoint_from_before_keeps_the_widths_of_its_time(
+        product_root, tmp_path):
+    """The default MobileNetV2 decoder went from (128, 64, 48, 32, 16) to (128, 64, 48, 24, 8) (BENCHMARKS.md,
+    "Recipe choice: a narrower decoder head"). A new run records the widths it was built with; a checkpoint
+    saved before that (``decoder_channels: []``) loads, exports and resumes as the model it is, never as
+    today's default (which would not even fit its weights)."""
+    from memseg_edge.train.torch_model import DECODER_WIDTHS, UNRECORDED_DECODER_WIDTHS
+
+    assert DECODER_WIDTHS["mobilenet_v2"] == (128, 64, 48, 24, 8)
+    assert UNRECORDED_DECODER_WIDTHS["mobilenet_v2"] == (128, 64, 48, 32, 16)
+    assert MemSegConfig().model.decoder_channels == []
+    new_path = train(tiny_config(product_root, iterations=2), tmp_path / "new", progress=False, log=lambda *a: None)
+    assert read_checkpoint(new_path)["config"]["model"]["decoder_channels"] == [128, 64, 48, 24, 8]
+    assert MemSegConfig.load(tmp_path / "new" / "config.yaml").model.decoder_channels == [128, 64, 48, 24, 8]
+    new, _ = load_model(new_path)
+    assert new.decoder.head[-1].in_channels == 8
+
+    # A run of the previous release: trained with the previous widths, its records stripped as they were then;
+    # stopped after 2 of 4 iterations.
+    cfg = tiny_config(product_root, iterations=4, **{"train.checkpoint_every": 0})
+    previous = apply_overrides(cfg, {"model.decoder_channels": [128, 64, 48, 32, 16]})
+    full = train(previous, tmp_path / "full", progress=False, log=lambda *a: None)
+    train(apply_overrides(previous, {"train.iterations": 2}), tmp_path / "half", progress=False, log=lambda *a: None)
+    for path in (full, tmp_path / "half" / "checkpoint.pt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["config"]["model"]["decoder_channels"] = []
+        torch.save(ckpt, path)
+    old, _ = load_model(full)
+    assert old.decoder_widths == [128, 64, 48, 32, 16] and old.decoder.head[-1].in_channels == 16
+    images = np.random.default_rng(3).integers(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
+    reference = torch.load(full, map_location="cpu", weights_only=True)["model_state"]
+    assert np.isfinite(predict_maps(old, images, "cpu")).all()
+    assert all(torch.equal(v, reference[k]) for k, v in old.state_dict().items())
+    # resumed with today's defaults (decoder_channels: []): goes on with its own widths, the same run
+    resumed = train(cfg, tmp_path / "half", resume=tmp_path / "half" / "checkpoint.pt", progress=False,
+                    log=lambda *a: None)
+    done = read_checkpoint(resumed)
+    assert done["config"]["model"]["decoder_channels"] == [128, 64, 48, 32, 16]
+    for k, v in done["model_state"].items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-5, atol=1e-6, msg=f"resume differs: {k}")
+    # ... and asking for other widths on resume is refused
+    with pytest.raises(ValueError, match="different model"):
+        train(apply_overrides(cfg, {"model.decoder_channels": [128, 64, 48, 24, 8]}), tmp_path / "half",
+              resume=tmp_path / "half" / "checkpoint.pt", progress=False, log=lambda *a: None)
+
+
 def test_a_checkpoint_made_with_the_previous_feature_smoothing_keeps_it(product_root, tmp_path):
     """The default changed from 3x3 smoothing before the memory step to none (BENCHMARKS.md, K). A run trained
     with 3 (every checkpoint before the change) loads with 3 and gives the maps its threshold was chosen on;
@@ -772,4 +818,4 @@ def test_profile_tool_splits_a_step_by_resolution(tmp_path):
     res = json.loads(out.read_text())
     assert set(res["widths_step_seconds"]) == {"today", "128,64,48,24,8"}
     assert all(len(v) == 2 for v in res["widths_step_seconds"].values())
-    assert "today's (128,64,48,32,16)" in proc.stdout and "x today's" in proc.stdout
+    assert "today's (128,64,48,24,8)" in proc.stdout and "x today's" in proc.stdout

@@ -12,7 +12,7 @@ import torch
 from memseg_edge.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 from .config import MemSegConfig
-from .torch_model import STANDARD_MEAN, STANDARD_STD, MemSeg
+from .torch_model import STANDARD_MEAN, STANDARD_STD, UNRECORDED_DECODER_WIDTHS, MemSeg
 
 FORMAT_VERSION = 2
 """2: the frozen encoder is fixed in inference mode (FrozenBatchNorm) and the decoder has a stride-2 skip.
@@ -28,11 +28,14 @@ def save_checkpoint(path: str | Path, model: MemSeg, cfg: MemSegConfig, *, itera
     ``train_seconds``: training time up to ``iteration``, summed over the sessions of a resumed run."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    config = cfg.to_dict()
+    # the widths the model was built with, never "the default" (defaults change between releases)
+    config["model"]["decoder_channels"] = list(model.decoder_widths)
     ckpt = {
         "format": "memseg-edge-checkpoint",
         "format_version": FORMAT_VERSION,
         "model_state": state,
-        "config": cfg.to_dict(),
+        "config": config,
         "image_size": cfg.data.image_size,
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input": "RGB in [0, 1]",
                           **({"per_image": f"each image first shifted and scaled to mean {STANDARD_MEAN} and "
@@ -105,6 +108,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if isinstance(model_cfg, dict) and "position_normalisers" not in model_cfg:
         # saved before model.position_normalisers existed: one frame-wide normaliser per term
         model_cfg["position_normalisers"] = False
+    if isinstance(model_cfg, dict) and not model_cfg.get("decoder_channels"):
+        # saved before checkpoints recorded the decoder's widths: it was built with that release's default
+        backbone = model_cfg.get("backbone", "mobilenet_v2")
+        if backbone in UNRECORDED_DECODER_WIDTHS:
+            model_cfg["decoder_channels"] = list(UNRECORDED_DECODER_WIDTHS[backbone])
     return ckpt
 
 

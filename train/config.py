@@ -145,7 +145,9 @@ class ModelConfig:
     good-to-good difference (see ``torch_model.spatial_attention``); ``False``: the paper's raw product."""
     decoder_channels: list[int] = field(default_factory=list)
     """Decoder widths at strides 16, 8, 4, 2, 1; empty: the backbone's default
-    (``torch_model.DECODER_WIDTHS``)."""
+    (``torch_model.DECODER_WIDTHS``; MobileNetV2: 128, 64, 48, 24, 8 since 2026-12-07, 128, 64, 48, 32, 16
+    before). A run's config and checkpoint record the widths it was built with; a checkpoint from before
+    they were recorded loads with the widths of its time (``torch_model.UNRECORDED_DECODER_WIDTHS``)."""
 
 
 @dataclass

@@ -21,8 +21,18 @@ from .memory import MemoryBank
 
 
 # Decoder widths at strides 16, 8, 4, 2, 1, in proportion to each encoder's skip widths. The full-resolution
-# stages dominate the cost on a CPU, so they stay narrow.
-DECODER_WIDTHS = {"resnet18": (256, 128, 64, 48, 32), "mobilenet_v2": (128, 64, 48, 32, 16)}
+# stages dominate the cost on a CPU, so they stay narrow. MobileNetV2's two finest stages went from 32 and 16
+# to 24 and 8 channels (BENCHMARKS.md, "Recipe choice: a narrower decoder head": a step 0.74x, non-inferior on
+# the probe of both products). A checkpoint records the widths it was built with.
+DECODER_WIDTHS = {"resnet18": (256, 128, 64, 48, 32), "mobilenet_v2": (128, 64, 48, 24, 8)}
+UNRECORDED_DECODER_WIDTHS = {"resnet18": (256, 128, 64, 48, 32), "mobilenet_v2": (128, 64, 48, 32, 16)}
+"""The widths of checkpoints saved before checkpoints recorded them (``model.decoder_channels: []`` then
+meant these): what ``checkpoint.read_checkpoint`` reads an empty list as."""
+
+
+def decoder_widths(cfg: ModelConfig) -> list[int]:
+    """``model.decoder_channels`` resolved: the configured widths, or the backbone's default."""
+    return list(cfg.decoder_channels) or list(DECODER_WIDTHS[cfg.backbone])
 
 
 def conv_block(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -171,7 +181,7 @@ class MemSeg(nn.Module):
         self.memory = MemoryBank(shapes, cfg.memory_samples, cfg.memory_selection, cfg.memory_patches) if cfg.use_memory else None
         fused = [2 * ci for ci in c] if cfg.use_memory else c
         self.fusion = MultiScaleFusion(fused, c, cfg.use_coordinate_attention, cfg.use_multiscale)
-        widths = list(cfg.decoder_channels) or list(DECODER_WIDTHS[cfg.backbone])
+        self.decoder_widths = widths = decoder_widths(cfg)
         self.decoder = Decoder(self.encoder.channels[3], c, widths,
                                self.encoder.stem_channels if cfg.stem_skip else 0)
         # ModelConfig.distance_fusion (without a memory step there is no distance to fuse)

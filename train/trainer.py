@@ -33,7 +33,7 @@ from .config import MemSegConfig, apply_overrides
 from .datasets import TrainingStream, discover, hash_image_list, load_images, run_split
 from .loss import memseg_loss
 from .synthesis import NO_TEXTURES, AnomalySynthesizer, foreground_mask
-from .torch_model import MemSeg
+from .torch_model import MemSeg, decoder_widths
 
 
 def to_tensor(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
@@ -261,6 +261,9 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
         if cfg.model.standardise_images == "auto":  # goes on as the run decided when it started
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(
                 cfg.model, standardise_images=saved.model.standardise_images))
+        if not cfg.model.decoder_channels:  # goes on with the widths it was built with, whatever today's default
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+                cfg.model, decoder_channels=list(saved.model.decoder_channels)))
         if (dataclasses.replace(saved.model, **{k.split(".")[1]: getattr(cfg.model, k.split(".")[1])
                                                 for k in AFTER_TRAINING}) != cfg.model
                 or saved.data.image_size != cfg.data.image_size or saved.data.resize != cfg.data.resize):
@@ -290,6 +293,8 @@ def train(cfg: MemSegConfig, out_dir: str | Path, resume: str | Path | None = No
     if cfg.model.standardise_images == "auto":  # a new run (a resumed one took its own choice above)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
             cfg.model, standardise_images=decide_standardise(train_images, log)))
+    if not cfg.model.decoder_channels:  # a new run records its widths: the default may change later
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decoder_channels=decoder_widths(cfg.model)))
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
