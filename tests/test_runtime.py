@@ -556,9 +556,15 @@ def test_curve_keys_admit_authorized_stations_only(model, tmp_path):
         listener = connected_listener(runtime.endpoints["results"], ctx, curve=load_client_keys(keys, "plc"))
         for frame_id, who in ((1, load_client_keys(intruder)), (2, load_client_keys(keys, "station"))):
             s = ctx.socket(zmq.PUSH)
+            # the intruder's handshake may fail before its send: PUSH then has no peer and would block for ever
+            # (stations send without blocking, sources.py); the refused frame never arrives either way
+            s.setsockopt(zmq.SNDTIMEO, 5000)
             secure_client(s, who)
             s.connect(runtime.endpoints["frames"][0])
-            s.send_multipart(fr.encode(bgr_frame(rng), "bgr8", "station", frame_id))
+            try:
+                s.send_multipart(fr.encode(bgr_frame(rng), "bgr8", "station", frame_id))
+            except zmq.Again:
+                assert frame_id == 1, "the authorised station could not send"
             s.close(linger=500)
         got = []
         listener.listen(count=1, timeout=30, on_verdict=got.append)

@@ -426,6 +426,21 @@ def test_a_run_records_its_decoder_widths_and_a_checkpoint_from_before_keeps_the
               resume=tmp_path / "half" / "checkpoint.pt", progress=False, log=lambda *a: None)
 
 
+def test_every_shipped_recipe_file_loads_and_the_decoder_ones_build_the_widths_they_name():
+    """configs/*.yaml are what BENCHMARKS.md tells users to pass with --config: each must load (unknown keys are
+    refused), and the two decoder files must build today's default and the previous widths."""
+    from memseg_edge.train.torch_model import DECODER_WIDTHS, UNRECORDED_DECODER_WIDTHS, decoder_widths
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(configs.glob("*.yaml"))
+    assert len(files) >= 5
+    loaded = {f.name: MemSegConfig.load(f) for f in files}
+    assert decoder_widths(loaded["decoder-narrow.yaml"].model) == list(DECODER_WIDTHS["mobilenet_v2"])
+    assert decoder_widths(loaded["decoder-previous-widths.yaml"].model) == list(UNRECORDED_DECODER_WIDTHS["mobilenet_v2"])
+    default = apply_overrides(MemSegConfig(), {"model.backbone": "mobilenet_v2"})
+    assert decoder_widths(default.model) == [128, 64, 48, 24, 8]
+
+
 def test_a_checkpoint_made_with_the_previous_feature_smoothing_keeps_it(product_root, tmp_path):
     """The default changed from 3x3 smoothing before the memory step to none (BENCHMARKS.md, K). A run trained
     with 3 (every checkpoint before the change) loads with 3 and gives the maps its threshold was chosen on;
