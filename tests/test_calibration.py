@@ -549,10 +549,16 @@ def test_fp16_predictions_match_fp32_on_real_test_images(variants):
     # With the distance fusion (2026-12-06) the map magnifies the decoder's probability by up to its gain
     # (memseg_edge.bundle.map_gain, 33 on this briefly trained model): mean 7.3e-4, max 0.12, 0.24 % of
     # pixels moved > 0.02, score 0.041 (1.2e-3 in probability units). The score bound is in those units.
+    # With the narrower decoder head (2026-12-07, H): mean 6.3e-4, max 0.36, 0.40 % of pixels moved > 0.02, score
+    # 5.2e-3 (gain 15). Where it comes from, measured on the H bottle default bundle (24 test images): FP16 as
+    # built 0.46 % moved, max 0.31; the decoder or the fusion kept in float: the same; the encoder kept in
+    # float: 0 % moved, max 0.002. So it is the near-tie effect above (float16 encoder features feeding the
+    # memory step's nearest-neighbour choice), not the head; that model's FP16 test-set figures equal FP32's
+    # within 0.0001 (BENCHMARKS.md). The bounds stay far below what a conversion error does (whole regions).
     gain = map_gain(json.loads((variants["bundle"] / "model.json").read_text()))
     assert diff.mean() < 1e-3
-    assert moved < 3e-3
-    assert diff.max() < 0.15
+    assert moved < 6e-3
+    assert diff.max() < 0.4
     assert np.abs(score16 - ref_score).max() < 0.005 * gain
 
 

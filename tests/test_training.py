@@ -68,11 +68,13 @@ def test_checkpoint_round_trip_loads_with_weights_only_and_predicts_the_same(pro
         assert key in ckpt, key
     assert ckpt["threshold"]["rule"].startswith("expected false-reject rate")
     assert len(ckpt["data"]["training_list_sha256"]) == 64
-    # the config as given, with model.standardise_images: auto resolved to the plain choice the trainer made
+    # the config as given, with model.standardise_images: auto resolved to the plain choice the trainer made and
+    # model.decoder_channels: [] to the widths the model was built with
     saved = MemSegConfig.from_dict(ckpt["config"])
     assert cfg.model.standardise_images == "auto" and isinstance(saved.model.standardise_images, bool)
+    assert cfg.model.decoder_channels == [] and saved.model.decoder_channels == [128, 64, 48, 24, 8]
     assert saved == dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, standardise_images=saved.model.standardise_images))
+        cfg.model, standardise_images=saved.model.standardise_images, decoder_channels=[128, 64, 48, 24, 8]))
     model, _ = load_model(path)
     images = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     again, _ = load_model(read_checkpoint(path))
