@@ -299,3 +299,37 @@ def test_the_kinds_option_names_its_choices_and_defaults_to_the_six():
     for bad, message in (("uneven,dent", "dent"), (",", "none given"), ("texture", "texture folder")):
         with pytest.raises(ValueError, match=message):
             parse_kinds(bad, None)
+
+
+def test_probe_rule_applies_the_written_rule_to_both_products(tmp_path):
+    """tools/probe_rule.py, what decides recipe candidates: two-seed arm means per product (today's runs first),
+    the two-product change of the three-figure mean against the rule's bar, and any one figure of one product
+    falling past the limit rejects whatever the mean does."""
+    def probe(base, cand):
+        runs = {}
+        for i, (img, pix, pro) in enumerate(base + cand):
+            runs[f"run{i}"] = {"sigma=0": {"image_auroc": img, "pixel_auroc": pix, "aupro": pro}}
+        return runs
+
+    a = tmp_path / "probe-bottle.json"
+    b = tmp_path / "probe-magnetic_tile.json"
+    a.write_text(json.dumps(probe([(0.98, 0.98, 0.93), (0.98, 0.98, 0.95)], [(0.99, 0.99, 0.95), (0.99, 0.99, 0.95)])))
+    b.write_text(json.dumps(probe([(0.92, 0.97, 0.90), (0.92, 0.97, 0.90)], [(0.92, 0.97, 0.90), (0.92, 0.97, 0.90)])))
+    tool = [sys.executable, str(ROOT / "tools" / "probe_rule.py"), str(a), str(b), "--per-arm", "2"]
+    out = tmp_path / "decision.json"
+    proc = subprocess.run(tool + ["--min-change", "0.003", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    # bottle's arm means rise by 0.01 each (AUPRO: 0.94 -> 0.95), magnetic_tile's not at all: +0.005 over both
+    assert res["change"] == pytest.approx(0.005, abs=1e-9) and res["passes"] and "PASSES" in proc.stdout
+    proc = subprocess.run(tool + ["--min-change", "0.006", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert not json.loads(out.read_text())["passes"] and "does not pass" in proc.stdout
+    # one figure of one product down by 0.02: rejected, even for a non-inferiority bar the mean meets
+    b.write_text(json.dumps(probe([(0.92, 0.97, 0.90), (0.92, 0.97, 0.90)], [(0.90, 0.99, 0.92), (0.90, 0.99, 0.92)])))
+    subprocess.run(tool + ["--min-change", "-0.003", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    res = json.loads(out.read_text())
+    assert not res["passes"] and res["losses_over_limit"] == ["magnetic_tile image_auroc -0.0200"]
+    # a probe with the wrong number of runs is refused, not averaged
+    a.write_text(json.dumps(probe([(0.98, 0.98, 0.93)], [(0.99, 0.99, 0.95)])))
+    proc = subprocess.run(tool + ["--min-change", "0.003"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "expected 4" in proc.stderr

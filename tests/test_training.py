@@ -15,6 +15,7 @@ from memseg_edge.cli import main
 from memseg_edge.train.checkpoint import load_model, read_checkpoint
 from memseg_edge.train.config import DataConfig, MemSegConfig, apply_overrides
 from memseg_edge.train.datasets import discover, split_good
+from memseg_edge.train.torch_model import MemSeg
 from memseg_edge.train.trainer import predict_maps, train
 
 pytestmark = pytest.mark.slow
@@ -305,6 +306,38 @@ def test_patch_memory_trains_exports_and_runs_as_standard_ops(product_root, tmp_
         write_plugin_variants(bundle, precisions=("fp32",), log=lambda *a: None)
 
 
+def test_the_leaky_decoder_trains_exports_and_old_checkpoints_keep_relu(product_root, tmp_path):
+    """``model.decoder_activation: leaky_relu`` (candidate Y): every basic block of the decoder ends in
+    LeakyReLU(0.1) and nothing else changes (the feature fusion keeps ReLU, the frozen encoder its own); the
+    run exports and onnxruntime gives PyTorch's map. A checkpoint saved before the option existed loads with
+    ReLU, and an unknown activation is refused when the model is built."""
+    from memseg_edge.backends import OnnxRuntimeBackend
+    from memseg_edge.train.export import export_bundle
+    from memseg_edge.train.torch_model import LEAKY_SLOPE
+
+    ckpt = train(tiny_config(product_root, iterations=2, **{"model.decoder_activation": "leaky_relu"}),
+                 tmp_path / "run", progress=False, log=lambda *a: None)
+    model, _ = load_model(ckpt)
+    acts = [m for m in model.decoder.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))]
+    assert len(acts) == 14 and all(isinstance(m, torch.nn.LeakyReLU) and m.negative_slope == LEAKY_SLOPE for m in acts)
+    assert not any(isinstance(m, torch.nn.LeakyReLU) for m in model.fusion.modules())
+    bundle = export_bundle(ckpt, tmp_path / "bundle", log=lambda *a: None)  # verifies parity itself
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3)).astype(np.uint8)
+    amap, _ = OnnxRuntimeBackend(bundle).infer(images)
+    np.testing.assert_allclose(amap[:, 0], predict_maps(model, images, "cpu"), atol=1e-4)
+
+    # a checkpoint from before: no decoder_activation in its config -> ReLU, as it was trained
+    relu_ckpt = train(tiny_config(product_root, iterations=1), tmp_path / "relu", progress=False, log=lambda *a: None)
+    raw = torch.load(relu_ckpt, map_location="cpu", weights_only=True)
+    del raw["config"]["model"]["decoder_activation"]
+    torch.save(raw, relu_ckpt)
+    assert read_checkpoint(relu_ckpt)["config"]["model"]["decoder_activation"] == "relu"
+    old, _ = load_model(relu_ckpt)
+    assert all(isinstance(m, torch.nn.ReLU) for m in old.decoder.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU)))
+    with pytest.raises(ValueError, match="decoder_activation"):
+        MemSeg(dataclasses.replace(old.cfg, decoder_activation="gelu"), 64, weights=None)
+
+
 def test_distance_fusion_is_calibrated_on_training_goods_and_exported_as_computed(product_root, tmp_path):
     """``model.distance_fusion`` end to end: q_p and q_D come from good images of the training pool only
     (never a memory sample, never a held-out image), the map is the documented formula and stays in
@@ -439,6 +472,7 @@ def test_every_shipped_recipe_file_loads_and_the_decoder_ones_build_the_widths_t
     loaded = {f.name: MemSegConfig.load(f) for f in files}
     assert decoder_widths(loaded["decoder-narrow.yaml"].model) == list(DECODER_WIDTHS["mobilenet_v2"])
     assert decoder_widths(loaded["decoder-previous-widths.yaml"].model) == list(UNRECORDED_DECODER_WIDTHS["mobilenet_v2"])
+    assert loaded["decoder-leaky.yaml"].model.decoder_activation == "leaky_relu"
     default = apply_overrides(MemSegConfig(), {"model.backbone": "mobilenet_v2"})
     assert decoder_widths(default.model) == [128, 64, 48, 24, 8]
 
@@ -827,6 +861,7 @@ def test_profile_tool_splits_a_step_by_resolution(tmp_path):
     assert shares["64x64"] > 0.05          # the decoder's full-resolution stage at this image size
     assert "32x32" in shares and "64x64" in proc.stdout
     assert res["synthesis_batch_s"] is None  # no --images: that timing is skipped, not invented
+    assert res["input_channels_last"]        # the batch laid out as the trainer's (next test)
     # --compare-widths: today's decoder and a narrower one timed round by round, today's widths named
     proc = subprocess.run([sys.executable, str(tool), "--backbone-weights", "none", "--image-size", "64",
                            "--steps", "2", "--threads", "1", "--compare-widths", "128,64,48,24,8", "--json", str(out)],
@@ -836,3 +871,58 @@ def test_profile_tool_splits_a_step_by_resolution(tmp_path):
     assert set(res["widths_step_seconds"]) == {"today", "128,64,48,24,8"}
     assert all(len(v) == 2 for v in res["widths_step_seconds"].values())
     assert "today's (128,64,48,24,8)" in proc.stdout and "x today's" in proc.stdout
+    assert res["input_channels_last"]
+
+
+def test_training_batches_reach_the_model_channels_last():
+    """The trainer's batches (``to_tensor``: RGB uint8 [N, H, W, 3] permuted, not copied) are channels-last in
+    memory, and PyTorch's CPU convolutions then run channels-last through the whole network: a training step
+    of the default model is about 1.4x slower on a contiguous NCHW batch (2026-12-07, CPU-2). Timing figures
+    (tools/profile_train_step.py) are only the trainer's if they use the same layout; a ``.contiguous()``
+    added here would slow every CPU training run without changing a single number."""
+    from memseg_edge.train.trainer import to_tensor
+
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 16, 24, 3)).astype(np.uint8)
+    x = to_tensor(images, "cpu")
+    assert x.shape == (2, 3, 16, 24) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy() * 255, images.astype(np.float32), atol=1e-3)
+
+
+def test_the_validation_sees_a_collapsed_decoder_head():
+    """A decoder whose last block is off wherever the anomalies are can never give an anomaly probability
+    above sigmoid(its logits' bias difference) (trainer.DECODER_COLLAPSE; a magnetic_tile run settled there,
+    at 0.414). The trainer's validation reports the decoder's highest probability on the synthetic anomalies,
+    and warns below 0.5; a head that can call pixels anomalous reports no such warning."""
+    from memseg_edge.train.synthesis import AnomalySynthesizer
+    from memseg_edge.train.trainer import validate_on_synthetic, validation_report
+
+    cfg = apply_overrides(MemSegConfig(), {"model.backbone": "mobilenet_v2", "model.backbone_weights": "none",
+                                           "model.memory_samples": 2, "model.distance_fusion": True,
+                                           "model.standardise_images": False,
+                                           "synthesis.textures": "none"})
+    torch.manual_seed(0)
+    model = MemSeg(cfg.model, 64, weights=None)
+    rng = np.random.default_rng(0)
+    good = rng.integers(90, 110, size=(6, 64, 64, 3)).astype(np.uint8)
+    model.memory.fill(model.memory_features(torch.from_numpy(good[:2]).permute(0, 3, 1, 2).float() / 255))
+    synth = AnomalySynthesizer(cfg.synthesis)
+    final = model.decoder.head[-1]
+
+    def report(weight_sign: float, bias_difference: float):
+        with torch.no_grad():
+            final.weight.zero_()
+            final.weight[1] = weight_sign * 0.5    # every channel pushes the anomaly logit one way
+            final.bias.copy_(torch.tensor([0.0, bias_difference]))
+        v = validate_on_synthetic(model, good, np.zeros(len(good)), synth, 0, "cpu", 100, threshold=0.5)
+        return v, validation_report(v)
+
+    # collapsed: every channel votes "good"; the ceiling is the bias alone, sigmoid(-0.35) = 0.413
+    v, lines = report(-1.0, -0.35)
+    assert v["decoder_max_probability"] <= float(torch.sigmoid(torch.tensor(-0.35))) + 1e-6
+    assert v["decoder_anomalous_share"] == 0.0
+    assert any("never calls a pixel anomalous" in line and "WARNING" in line for line in lines)
+    # a head whose channels can raise the anomaly logit: it reaches past 0.5, and nothing warns about it
+    v, lines = report(+1.0, 0.0)
+    assert v["decoder_max_probability"] > 0.5 and v["decoder_anomalous_share"] > 0.0
+    assert not any("never calls" in line for line in lines)

@@ -108,6 +108,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if isinstance(model_cfg, dict) and "position_normalisers" not in model_cfg:
         # saved before model.position_normalisers existed: one frame-wide normaliser per term
         model_cfg["position_normalisers"] = False
+    if isinstance(model_cfg, dict) and "decoder_activation" not in model_cfg:
+        # saved before model.decoder_activation existed: its decoder's blocks end in ReLU
+        model_cfg["decoder_activation"] = "relu"
     if isinstance(model_cfg, dict) and not model_cfg.get("decoder_channels"):
         # saved before checkpoints recorded the decoder's widths: it was built with that release's default
         backbone = model_cfg.get("backbone", "mobilenet_v2")

@@ -148,6 +148,13 @@ class ModelConfig:
     (``torch_model.DECODER_WIDTHS``; MobileNetV2: 128, 64, 48, 24, 8 since 2026-12-07, 128, 64, 48, 32, 16
     before). A run's config and checkpoint record the widths it was built with; a checkpoint from before
     they were recorded loads with the widths of its time (``torch_model.UNRECORDED_DECODER_WIDTHS``)."""
+    decoder_activation: str = "relu"
+    """The decoder's basic blocks' activation: ``relu`` (the paper's: convolution, batch normalisation, ReLU)
+    or ``leaky_relu`` (the same with LeakyReLU, negative slope ``torch_model.LEAKY_SLOPE``). With ReLU a run
+    can settle where every channel of the last block is off on the anomalies: the decoder then never gives
+    an anomaly probability above its logits' bias (``trainer.DECODER_COLLAPSE``), and anomalous pixels stop
+    teaching it, since no gradient passes an off ReLU. LeakyReLU keeps a gradient (and a signal) there.
+    Candidate Y (BENCHMARKS.md, "the decoder's activation"); the encoder and the feature fusion keep theirs."""
 
 
 @dataclass

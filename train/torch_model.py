@@ -36,10 +36,18 @@ def decoder_widths(cfg: ModelConfig) -> list[int]:
     return list(cfg.decoder_channels) or list(DECODER_WIDTHS[cfg.backbone])
 
 
-def conv_block(cin: int, cout: int, k: int = 3) -> nn.Sequential:
-    """The paper's basic convolution block: convolution, batch normalisation, ReLU."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+LEAKY_SLOPE = 0.1
+"""``model.decoder_activation: leaky_relu``: LeakyReLU's negative slope, fixed before any run with it (not
+tuned): an off channel still passes a tenth of its gradient, enough to move within one training run."""
+
+DECODER_ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def conv_block(cin: int, cout: int, k: int = 3, negative_slope: float = 0.0) -> nn.Sequential:
+    """The paper's basic convolution block: convolution, batch normalisation, ReLU (with ``negative_slope``
+    above 0: LeakyReLU, ``model.decoder_activation``)."""
+    act = nn.LeakyReLU(negative_slope, inplace=True) if negative_slope > 0 else nn.ReLU(inplace=True)
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), act)
 
 
 def upsample2(x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +121,8 @@ class Decoder(nn.Module):
     the last Conv Layer = one conv block + a 2-channel convolution. Skips at strides 16, 8, 4 (the fused
     features) and, with ``stem`` channels, at stride 2 (the encoder's frozen stem, as the authors' code)."""
 
-    def __init__(self, bottleneck: int, skips: list[int], widths: list[int], stem: int = 0):
+    def __init__(self, bottleneck: int, skips: list[int], widths: list[int], stem: int = 0,
+                 negative_slope: float = 0.0):
         super().__init__()
         if len(widths) != 5:
             raise ValueError(f"decoder_channels needs 5 widths (strides 16, 8, 4, 2, 1), found {widths}")
@@ -121,12 +130,14 @@ class Decoder(nn.Module):
         self.convs = nn.ModuleList()
         cin = bottleneck
         skip_widths = [skips[2], skips[1], skips[0], stem]  # strides 16, 8, 4, 2
+        a = negative_slope
         for w, s in zip(widths[:4], skip_widths):
-            self.ups.append(conv_block(cin, w))
-            self.convs.append(nn.Sequential(conv_block(w + s, w), conv_block(w, w)))
+            self.ups.append(conv_block(cin, w, negative_slope=a))
+            self.convs.append(nn.Sequential(conv_block(w + s, w, negative_slope=a), conv_block(w, w, negative_slope=a)))
             cin = w
-        self.final_up = conv_block(cin, widths[4])
-        self.head = nn.Sequential(conv_block(widths[4], widths[4]), nn.Conv2d(widths[4], 2, 3, padding=1))
+        self.final_up = conv_block(cin, widths[4], negative_slope=a)
+        self.head = nn.Sequential(conv_block(widths[4], widths[4], negative_slope=a),
+                                  nn.Conv2d(widths[4], 2, 3, padding=1))
 
     def forward(self, bottleneck: torch.Tensor, skips: list[torch.Tensor], stem: torch.Tensor | None = None) -> torch.Tensor:
         x = bottleneck
@@ -183,8 +194,12 @@ class MemSeg(nn.Module):
         fused = [2 * ci for ci in c] if cfg.use_memory else c
         self.fusion = MultiScaleFusion(fused, c, cfg.use_coordinate_attention, cfg.use_multiscale)
         self.decoder_widths = widths = decoder_widths(cfg)
+        if cfg.decoder_activation not in DECODER_ACTIVATIONS:
+            raise ValueError(f"model.decoder_activation must be one of {', '.join(DECODER_ACTIVATIONS)}, found "
+                             f"{cfg.decoder_activation!r}")
         self.decoder = Decoder(self.encoder.channels[3], c, widths,
-                               self.encoder.stem_channels if cfg.stem_skip else 0)
+                               self.encoder.stem_channels if cfg.stem_skip else 0,
+                               LEAKY_SLOPE if cfg.decoder_activation == "leaky_relu" else 0.0)
         # ModelConfig.distance_fusion (without a memory step there is no distance to fuse)
         self.fuses = bool(cfg.distance_fusion and cfg.use_memory)
         if self.fuses:

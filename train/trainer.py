@@ -33,7 +33,7 @@ from .config import MemSegConfig, apply_overrides
 from .datasets import TrainingStream, discover, hash_image_list, load_images, run_split
 from .loss import memseg_loss
 from .synthesis import NO_TEXTURES, AnomalySynthesizer, foreground_mask
-from .torch_model import MemSeg, decoder_widths
+from .torch_model import MemSeg, decoder_widths, fuse_maps
 
 
 def to_tensor(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
@@ -45,13 +45,28 @@ def to_tensor(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
 @torch.no_grad()
 def predict_maps(model: MemSeg, images: np.ndarray, device: str | torch.device, batch_size: int = 16) -> np.ndarray:
     """Anomaly maps ``[N, H, W]`` float32 for RGB uint8 images ``[N, H, W, 3]`` at the model's size."""
+    return predict_components(model, images, device, batch_size)[0]
+
+
+@torch.no_grad()
+def predict_components(model: MemSeg, images: np.ndarray, device: str | torch.device,
+                       batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(anomaly maps, the decoder's anomaly probability) ``[N, H, W]`` float32 each, in one pass; the two are
+    the same map for a model without the distance fusion."""
     was_training = model.training
     model.eval()
-    out = []
+    maps, probs = [], []
     for i in range(0, len(images), batch_size):
-        out.append(model(to_tensor(images[i:i + batch_size], device))[:, 0].float().cpu().numpy())
+        prob, distance = model.component_maps(to_tensor(images[i:i + batch_size], device))
+        fused = prob if distance is None else fuse_maps(prob, distance, model.fusion_norm,
+                                                        getattr(model, "fusion_position", None))
+        maps.append(fused[:, 0].float().cpu().numpy())
+        probs.append(prob[:, 0].float().cpu().numpy())
     model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
+    if not maps:
+        empty = np.zeros((0,) + images.shape[1:3], np.float32)
+        return empty, empty
+    return np.concatenate(maps), np.concatenate(probs)
 
 
 def check_cuda_device(device: str) -> None:
@@ -613,6 +628,13 @@ def fusion_calibration_images(pool: list[Path], seed: int, count: int = FUSION_C
     return [pool[i] for i in sorted(pick)]
 
 
+DECODER_COLLAPSE = """A collapsed decoder head: the 2-channel convolution that gives the logits reads the ReLU outputs of
+the last basic block (the paper's design); where every one of those channels is off, the anomaly logit is the
+convolution's bias alone, and no gradient reaches the block from those pixels. A run can settle into encoding
+"anomalous" as "every channel off": its decoder then never gives an anomaly probability above
+sigmoid(bias difference) (0.414 in the magnetic_tile run that showed it, 2026-12-07), on any defect, and learns
+only from good pixels. The validation reports the decoder's highest probability on the synthetic anomalies."""
+
 SYNTHETIC_MISS_WARNING = 0.5
 """Above this share of missed synthetic anomalies at the model's own threshold, ``train`` warns loudly."""
 
@@ -623,6 +645,16 @@ def validation_report(v: dict[str, Any]) -> list[str]:
              f"image AUROC {v['image_auroc']:.4f}, pixel AUROC {v['pixel_auroc']:.4f}; at the threshold: "
              f"{100 * v['false_reject_rate']:.1f} % of held-out good images rejected, "
              f"{100 * v['miss_rate']:.1f} % of synthetic anomalies missed"]
+    top = v.get("decoder_max_probability")
+    if top is not None:
+        lines.append(f"the decoder alone calls {100 * v['decoder_anomalous_share']:.1f} % of the synthetic anomalies' "
+                     f"pixels anomalous (probability >= 0.5; its highest there {top:.3f})")
+        if top < 0.5:
+            lines.append(
+                f"WARNING: the decoder never calls a pixel anomalous (its probability tops out at {top:.3f}): its "
+                "last block has collapsed, every channel off where the anomalies are, so they no longer teach it "
+                "(see DECODER_COLLAPSE in train/trainer.py). Its scores crowd just above the good parts' and the "
+                "threshold misses most defects. Train again with another --seed")
     if v["miss_rate"] > SYNTHETIC_MISS_WARNING:
         lines.append(
             f"WARNING: the decision threshold misses {100 * v['miss_rate']:.0f} % of the synthetic anomalies: a line "
@@ -640,11 +672,16 @@ def validate_on_synthetic(model: MemSeg, holdout: np.ndarray, good_scores: np.nd
     pairs = [synthesizer(img, rng) for img in holdout]
     bad = np.stack([a for a, _ in pairs])
     bad_masks = np.stack([m for _, m in pairs]) > 0.5
-    bad_maps = predict_maps(model, bad, device)
+    bad_maps, bad_probs = predict_components(model, bad, device)
     bad_scores = image_scores(bad_maps, top_k)
     good_maps = predict_maps(model, holdout, device)
     labels = np.r_[np.zeros(len(good_scores), bool), np.ones(len(bad_scores), bool)]
+    inside = bad_probs[bad_masks]
     return {
+        # the decoder alone (the fused map's other term is the memory distance): whether it calls anomalous
+        # pixels anomalous at all (DECODER_COLLAPSE)
+        "decoder_max_probability": float(inside.max()) if inside.size else None,
+        "decoder_anomalous_share": float(np.mean(inside >= 0.5)) if inside.size else None,
         "image_auroc": metrics.image_auroc(np.r_[good_scores, bad_scores], labels),
         "pixel_auroc": metrics.pixel_auroc(np.concatenate([good_maps, bad_maps]),
                                            np.concatenate([np.zeros_like(bad_masks), bad_masks])),
