@@ -864,13 +864,14 @@ def test_profile_tool_splits_a_step_by_resolution(tmp_path):
     assert res["input_channels_last"]        # the batch laid out as the trainer's (next test)
     # --compare-widths: today's decoder and a narrower one timed round by round, today's widths named
     proc = subprocess.run([sys.executable, str(tool), "--backbone-weights", "none", "--image-size", "64",
-                           "--steps", "2", "--threads", "1", "--compare-widths", "128,64,48,24,8", "--json", str(out)],
+                           "--steps", "2", "--threads", "1", "--compare-widths", "128,64,48,24,8",
+                           "--compare-activation", "leaky_relu", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert set(res["widths_step_seconds"]) == {"today", "128,64,48,24,8"}
+    assert set(res["widths_step_seconds"]) == {"today", "128,64,48,24,8", "leaky_relu"}
     assert all(len(v) == 2 for v in res["widths_step_seconds"].values())
-    assert "today's (128,64,48,24,8)" in proc.stdout and "x today's" in proc.stdout
+    assert "today's (128,64,48,24,8, " in proc.stdout and "x today's" in proc.stdout
     assert res["input_channels_last"]
 
 

@@ -53,9 +53,12 @@ def _size_of(shapes) -> str:
 @click.option("--compare-widths", multiple=True,
               help="Decoder widths at strides 16,8,4,2,1 to time against today's, interleaved round by round "
                    "(repeatable), e.g. 128,64,48,24,8; no profile.")
+@click.option("--compare-activation", type=click.Choice(["relu", "leaky_relu"]), multiple=True,
+              help="A decoder activation (model.decoder_activation) to time against today's, interleaved like "
+                   "--compare-widths (repeatable); no profile.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))
 def main(backbone, backbone_weights, image_size, batch, threads, steps, profiled_steps, textures, images, compiled,
-         compare_widths, json_path):
+         compare_widths, compare_activation, json_path):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -78,10 +81,13 @@ def main(backbone, backbone_weights, image_size, batch, threads, steps, profiled
     target = (torch.rand(batch, image_size, image_size) > 0.9).float()
     tc = cfg.train
 
-    def make(widths, compile_it=False):
-        """A model (random decoder, the given decoder widths; [] = today's) and its training step."""
+    def make(widths, compile_it=False, activation=None):
+        """A model (random decoder, the given decoder widths; [] = today's; ``activation``: another
+        model.decoder_activation) and its training step."""
         torch.manual_seed(0)
         net_cfg = dataclasses.replace(model_cfg, decoder_channels=list(widths))
+        if activation:
+            net_cfg = dataclasses.replace(net_cfg, decoder_activation=activation)
         model = MemSeg(net_cfg, image_size, weights=backbone_weights)
         if model.memory is not None:
             model.memory.fill(model.memory_features(torch.rand(net_cfg.memory_samples, 3, image_size, image_size)))
@@ -96,11 +102,13 @@ def main(backbone, backbone_weights, image_size, batch, threads, steps, profiled
             optimizer.step()
         return step
 
-    if compare_widths:
+    if compare_widths or compare_activation:
         variants = {"today": make([])}
         for w in compare_widths:
             widths = [int(v) for v in w.split(",")]
             variants[",".join(map(str, widths))] = make(widths)
+        for a in compare_activation:
+            variants[a] = make([], activation=a)
         rounds = {k: [] for k in variants}
         for r in range(steps + 1):  # interleaved, so the machine's drift hits every variant alike
             for k, fn in variants.items():
@@ -109,14 +117,16 @@ def main(backbone, backbone_weights, image_size, batch, threads, steps, profiled
                 if r:
                     rounds[k].append(time.perf_counter() - t)
         base = statistics.median(rounds["today"])
-        print(f"decoder widths at strides 16, 8, 4, 2, 1 ({model_cfg.backbone}, {image_size} px, batch {batch}, "
-              f"{threads} threads), training step, median of {steps} interleaved rounds:")
+        print(f"decoder widths at strides 16, 8, 4, 2, 1 or activations ({model_cfg.backbone}, {image_size} px, batch "
+              f"{batch}, {threads} threads), training step, median of {steps} interleaved rounds:")
         for k, v in rounds.items():
-            label = "today's (" + ",".join(map(str, DECODER_WIDTHS[model_cfg.backbone])) + ")" if k == "today" else k
+            label = ("today's (" + ",".join(map(str, DECODER_WIDTHS[model_cfg.backbone])) + ", "
+                     + model_cfg.decoder_activation + ")") if k == "today" else k
             print(f"  {label:>26s}: {statistics.median(v):.3f} s, {statistics.median(v) / base:.3f} x today's")
         if json_path:
             Path(json_path).write_text(json.dumps({"widths_step_seconds": rounds, "today_widths": list(
-                DECODER_WIDTHS[model_cfg.backbone]), "input_channels_last": x.is_contiguous(
+                DECODER_WIDTHS[model_cfg.backbone]), "today_activation": model_cfg.decoder_activation,
+                "input_channels_last": x.is_contiguous(
                 memory_format=torch.channels_last)}, indent=2) + "\n")
         return
 
