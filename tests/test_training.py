@@ -315,8 +315,8 @@ def test_the_leaky_decoder_trains_exports_and_old_checkpoints_keep_relu(product_
     from memseg_edge.train.export import export_bundle
     from memseg_edge.train.torch_model import LEAKY_SLOPE
 
-    ckpt = train(tiny_config(product_root, iterations=2, **{"model.decoder_activation": "leaky_relu"}),
-                 tmp_path / "run", progress=False, log=lambda *a: None)
+    assert MemSegConfig().model.decoder_activation == "leaky_relu"  # the default since 2026-12-08 (Y)
+    ckpt = train(tiny_config(product_root, iterations=2), tmp_path / "run", progress=False, log=lambda *a: None)
     model, _ = load_model(ckpt)
     acts = [m for m in model.decoder.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))]
     assert len(acts) == 14 and all(isinstance(m, torch.nn.LeakyReLU) and m.negative_slope == LEAKY_SLOPE for m in acts)
@@ -326,13 +326,19 @@ def test_the_leaky_decoder_trains_exports_and_old_checkpoints_keep_relu(product_
     amap, _ = OnnxRuntimeBackend(bundle).infer(images)
     np.testing.assert_allclose(amap[:, 0], predict_maps(model, images, "cpu"), atol=1e-4)
 
-    # a checkpoint from before: no decoder_activation in its config -> ReLU, as it was trained
-    relu_ckpt = train(tiny_config(product_root, iterations=1), tmp_path / "relu", progress=False, log=lambda *a: None)
+    # a checkpoint from before: trained with ReLU, no decoder_activation in its config -> ReLU, the same maps
+    relu_ckpt = train(tiny_config(product_root, iterations=2, **{"model.decoder_activation": "relu"}),
+                      tmp_path / "relu", progress=False, log=lambda *a: None)
+    as_trained = predict_maps(load_model(relu_ckpt)[0], images, "cpu")
     raw = torch.load(relu_ckpt, map_location="cpu", weights_only=True)
     del raw["config"]["model"]["decoder_activation"]
     torch.save(raw, relu_ckpt)
     assert read_checkpoint(relu_ckpt)["config"]["model"]["decoder_activation"] == "relu"
     old, _ = load_model(relu_ckpt)
+    np.testing.assert_array_equal(predict_maps(old, images, "cpu"), as_trained)
+    with_leaky = MemSeg(dataclasses.replace(old.cfg, decoder_activation="leaky_relu"), 64, weights=None)
+    with_leaky.load_state_dict(old.state_dict())
+    assert np.abs(predict_maps(with_leaky, images, "cpu") - as_trained).max() > 1e-4  # the fill is not a no-op
     assert all(isinstance(m, torch.nn.ReLU) for m in old.decoder.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU)))
     with pytest.raises(ValueError, match="decoder_activation"):
         MemSeg(dataclasses.replace(old.cfg, decoder_activation="gelu"), 64, weights=None)
@@ -473,6 +479,7 @@ def test_every_shipped_recipe_file_loads_and_the_decoder_ones_build_the_widths_t
     assert decoder_widths(loaded["decoder-narrow.yaml"].model) == list(DECODER_WIDTHS["mobilenet_v2"])
     assert decoder_widths(loaded["decoder-previous-widths.yaml"].model) == list(UNRECORDED_DECODER_WIDTHS["mobilenet_v2"])
     assert loaded["decoder-leaky.yaml"].model.decoder_activation == "leaky_relu"
+    assert loaded["decoder-relu.yaml"].model.decoder_activation == "relu"
     default = apply_overrides(MemSegConfig(), {"model.backbone": "mobilenet_v2"})
     assert decoder_widths(default.model) == [128, 64, 48, 24, 8]
 
@@ -865,11 +872,11 @@ def test_profile_tool_splits_a_step_by_resolution(tmp_path):
     # --compare-widths: today's decoder and a narrower one timed round by round, today's widths named
     proc = subprocess.run([sys.executable, str(tool), "--backbone-weights", "none", "--image-size", "64",
                            "--steps", "2", "--threads", "1", "--compare-widths", "128,64,48,24,8",
-                           "--compare-activation", "leaky_relu", "--json", str(out)],
+                           "--compare-activation", "relu", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert set(res["widths_step_seconds"]) == {"today", "128,64,48,24,8", "leaky_relu"}
+    assert set(res["widths_step_seconds"]) == {"today", "128,64,48,24,8", "relu"}
     assert all(len(v) == 2 for v in res["widths_step_seconds"].values())
     assert "today's (128,64,48,24,8, " in proc.stdout and "x today's" in proc.stdout
     assert res["input_channels_last"]
@@ -900,7 +907,7 @@ def test_the_validation_sees_a_collapsed_decoder_head():
 
     cfg = apply_overrides(MemSegConfig(), {"model.backbone": "mobilenet_v2", "model.backbone_weights": "none",
                                            "model.memory_samples": 2, "model.distance_fusion": True,
-                                           "model.standardise_images": False,
+                                           "model.standardise_images": False, "model.decoder_activation": "relu",
                                            "synthesis.textures": "none"})
     torch.manual_seed(0)
     model = MemSeg(cfg.model, 64, weights=None)
