@@ -654,7 +654,8 @@ def validation_report(v: dict[str, Any]) -> list[str]:
                 f"WARNING: the decoder never calls a pixel anomalous (its probability tops out at {top:.3f}): its "
                 "last block has collapsed, every channel off where the anomalies are, so they no longer teach it "
                 "(see DECODER_COLLAPSE in train/trainer.py). Its scores crowd just above the good parts' and the "
-                "threshold misses most defects. Train again with another --seed")
+                "threshold misses most defects. Train again with another --seed (with model.decoder_activation: relu, "
+                "with the default leaky_relu)")
     if v["miss_rate"] > SYNTHETIC_MISS_WARNING:
         lines.append(
             f"WARNING: the decision threshold misses {100 * v['miss_rate']:.0f} % of the synthetic anomalies: a line "
