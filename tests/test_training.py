@@ -925,6 +925,10 @@ def test_the_validation_sees_a_collapsed_decoder_head():
         v = validate_on_synthetic(model, good, np.zeros(len(good)), synth, 0, "cpu", 100, threshold=0.5)
         return v, validation_report(v)
 
+    from memseg_edge.train.trainer import predict_components
+    maps, probs = predict_components(model, good, "cpu")   # the validation's one pass = the forward's map
+    np.testing.assert_allclose(maps, predict_maps(model, good, "cpu"), atol=1e-6)
+    assert probs.shape == maps.shape and not np.allclose(probs, maps)
     # collapsed: every channel votes "good"; the ceiling is the bias alone, sigmoid(-0.35) = 0.413
     v, lines = report(-1.0, -0.35)
     assert v["decoder_max_probability"] <= float(torch.sigmoid(torch.tensor(-0.35))) + 1e-6

@@ -44,15 +44,23 @@ def to_tensor(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_maps(model: MemSeg, images: np.ndarray, device: str | torch.device, batch_size: int = 16) -> np.ndarray:
-    """Anomaly maps ``[N, H, W]`` float32 for RGB uint8 images ``[N, H, W, 3]`` at the model's size."""
-    return predict_components(model, images, device, batch_size)[0]
+    """Anomaly maps ``[N, H, W]`` float32 for RGB uint8 images ``[N, H, W, 3]`` at the model's size: the model's
+    forward, the graph that export writes."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(model(to_tensor(images[i:i + batch_size], device))[:, 0].float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
 
 @torch.no_grad()
 def predict_components(model: MemSeg, images: np.ndarray, device: str | torch.device,
                        batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(anomaly maps, the decoder's anomaly probability) ``[N, H, W]`` float32 each, in one pass; the two are
-    the same map for a model without the distance fusion."""
+    the same map for a model without the distance fusion. The maps are ``predict_maps``' (the forward's
+    composition, ``MemSeg.forward``; a test holds them equal)."""
     was_training = model.training
     model.eval()
     maps, probs = [], []
